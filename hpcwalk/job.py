@@ -1,0 +1,436 @@
+"""Job files: one frozen `RenderJob` loaded from TOML, expanded to a `FramePlan`, cut into shards.
+
+A job names the model, the sampling settings, the render settings and a list of walks. `plan(job)`
+turns the walks into one small row per frame (keys and parameters only: seeds, prompts, method,
+gamma / t / std); latents and embeddings are materialised by the worker that renders the row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from hpcwalk.interp import METHODS, TEXT_METHODS
+
+WALK_KINDS = ("latent", "text", "translate", "mix", "std", "prompts")
+DTYPES = ("float32", "float16", "bfloat16")
+IMAGE_FORMATS = ("png", "webp", "jpeg")
+SCHEDULERS = ("dpmsolver++", "ddim", "euler", "pndm", "unipc", "heun")
+
+
+class JobError(ValueError):
+    """A job file or override is invalid; the message names the field and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The job: frozen dataclasses, one per TOML table
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NoiseKey:
+    """The `draw`-th N(0, I) latent drawn from `torch.Generator("cpu").manual_seed(seed)`."""
+
+    seed: int
+    draw: int = 0
+
+    def __str__(self) -> str:
+        return str(self.seed) if self.draw == 0 else f"{self.seed}:{self.draw}"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str = "tiny"  # tiny | sd14-random | hub id | local diffusers folder | file.safetensors
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class Sampling:
+    scheduler: str = "dpmsolver++"
+    steps: int = 30
+    guidance: float = 7.5
+    negative_prompt: str = ""
+    height: int = 512
+    width: int = 512
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    batch_size: int = 8
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    model: str = "ViT-L-14"
+    pretrained: str = "openai"
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    shard_size: int = 64
+    image_format: Literal["png", "webp", "jpeg"] = "png"
+
+
+@dataclass(frozen=True)
+class Walk:
+    """One walk. Which fields matter depends on `kind` (see `_WALK_KEYS`)."""
+
+    name: str
+    kind: str
+    prompt: str = ""
+    prompts: tuple[str, ...] = ()
+    seeds: tuple[NoiseKey, ...] = ()
+    methods: tuple[str, ...] = ()
+    frames: int = 0  # frames per segment, both ends included (latent, text, std)
+    stride: int = 1  # t step for translate / mix (t = 0, stride, ..., W; W always included)
+    std_min: float = 0.5
+    std_max: float = 1.5
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    model: ModelSpec = ModelSpec()
+    sampling: Sampling = Sampling()
+    render: RenderSettings = RenderSettings()
+    clip: ClipSpec = ClipSpec()
+    output: OutputSpec = OutputSpec()
+    walks: tuple[Walk, ...] = ()
+    source: str = ""  # where it was loaded from (not part of the fingerprint)
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.sampling.height // 8, self.sampling.width // 8
+
+    def fingerprint(self) -> str:
+        """sha256 over everything that decides the frames and the shard cut (not device or batch)."""
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        d["render"].pop("batch_size")
+        d["render"].pop("device")
+        blob = json.dumps(d, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def with_overrides(self, **overrides: Any) -> "RenderJob":
+        """Command-line overrides: model, device, dtype, batch_size, shard_size (None = keep)."""
+        o = {k: v for k, v in overrides.items() if v is not None}
+        raw = {
+            "model": {"id": o.pop("model", self.model.id), "revision": self.model.revision},
+            "render": {
+                "batch_size": o.pop("batch_size", self.render.batch_size),
+                "dtype": o.pop("dtype", self.render.dtype),
+                "device": o.pop("device", self.render.device),
+            },
+            "output": {
+                "shard_size": o.pop("shard_size", self.output.shard_size),
+                "image_format": self.output.image_format,
+            },
+        }
+        if o:
+            raise JobError(f"unknown override(s): {', '.join(o)}")
+        model = _build(ModelSpec, raw["model"], "[model]")
+        render = _build(RenderSettings, raw["render"], "[render]")
+        output = _build(OutputSpec, raw["output"], "[output]")
+        _check_render(render, output)
+        return dataclasses.replace(self, model=model, render=render, output=output)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Loading and validation
+# ---------------------------------------------------------------------------------------------
+
+_TABLES = {"model": ModelSpec, "sampling": Sampling, "render": RenderSettings, "clip": ClipSpec, "output": OutputSpec}
+
+_WALK_KEYS: dict[str, set[str]] = {
+    "latent": {"prompt", "seeds", "methods", "frames"},
+    "text": {"prompts", "seeds", "methods", "frames"},
+    "translate": {"prompt", "seeds", "stride"},
+    "mix": {"prompt", "seeds", "stride"},
+    "std": {"prompt", "seeds", "frames", "std_min", "std_max"},
+    "prompts": {"prompts", "seeds"},
+}
+_WALK_REQUIRED: dict[str, set[str]] = {
+    "latent": {"prompt", "seeds", "frames"},
+    "text": {"prompts", "seeds", "frames"},
+    "translate": {"prompt", "seeds"},
+    "mix": {"prompt", "seeds"},
+    "std": {"prompt", "seeds", "frames"},
+    "prompts": {"prompts", "seeds"},
+}
+
+
+def load_job(path: str | Path) -> RenderJob:
+    """Read and validate a TOML job file; every problem raises JobError naming the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"job file {str(path)!r} not found: pass the path of a TOML job (see examples/)")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise JobError(f"{path}: malformed TOML: {e}") from None
+    return parse_job(data, source=str(path))
+
+
+def parse_job(data: dict[str, Any], source: str = "<dict>") -> RenderJob:
+    """Validate a TOML-shaped dict into a RenderJob."""
+    _check_keys(data, set(_TABLES) | {"walk"}, "the top level")
+    parts: dict[str, Any] = {}
+    for key, cls in _TABLES.items():
+        table = data.get(key, {})
+        if not isinstance(table, dict):
+            raise JobError(f"[{key}] must be a table, got {type(table).__name__}")
+        parts[key] = _build(cls, table, f"[{key}]")
+    _check_sampling(parts["sampling"])
+    _check_render(parts["render"], parts["output"])
+    walks_raw = data.get("walk", [])
+    if not isinstance(walks_raw, list) or not walks_raw:
+        raise JobError("the job has no walks: add at least one [[walk]] table (see examples/quickstart.toml)")
+    walks = tuple(_parse_walk(w, i, parts["sampling"]) for i, w in enumerate(walks_raw))
+    names = [w.name for w in walks]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise JobError(f"walk name(s) {dup} used more than once: give each [[walk]] a unique name")
+    return RenderJob(walks=walks, source=source, **parts)
+
+
+def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, sorted(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (allowed: {', '.join(sorted(allowed))})"
+            raise JobError(f"unknown key {key!r} in {where}{hint}")
+
+
+def _build(cls: type, table: dict[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(table, set(fields), where)
+    defaults = cls()
+    for key, value in table.items():
+        want = type(getattr(defaults, key))
+        if getattr(defaults, key) is None:  # optional string
+            if value is None:
+                continue
+            want = str
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise JobError(f"{where} {key} must be {want.__name__}, got {value!r}")
+    return cls(**table)
+
+
+def _check_sampling(s: Sampling) -> None:
+    if s.scheduler not in SCHEDULERS:
+        raise JobError(_choice_msg("[sampling] scheduler", s.scheduler, SCHEDULERS))
+    if s.steps < 1:
+        raise JobError(f"[sampling] steps must be >= 1, got {s.steps}")
+    if s.guidance < 0:
+        raise JobError(f"[sampling] guidance must be >= 0, got {s.guidance}")
+    for name in ("height", "width"):
+        v = getattr(s, name)
+        if v < 8 or v % 8:
+            raise JobError(f"[sampling] {name} must be a positive multiple of 8 (the VAE downsamples by 8), got {v}")
+
+
+def _check_render(r: RenderSettings, o: OutputSpec) -> None:
+    if r.dtype not in DTYPES:
+        raise JobError(_choice_msg("[render] dtype", r.dtype, DTYPES))
+    if r.batch_size < 1:
+        raise JobError(f"[render] batch_size must be >= 1, got {r.batch_size}")
+    if not (r.device in ("auto", "cpu", "cuda") or r.device.startswith("cuda:")):
+        raise JobError(f"[render] device must be auto, cpu, cuda or cuda:N, got {r.device!r}")
+    if o.shard_size < 1:
+        raise JobError(f"[output] shard_size must be >= 1, got {o.shard_size}")
+    if o.image_format not in IMAGE_FORMATS:
+        raise JobError(_choice_msg("[output] image_format", o.image_format, IMAGE_FORMATS))
+
+
+def _choice_msg(where: str, got: Any, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(got), list(choices), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{where}: unknown value {got!r}{hint}; choose one of {', '.join(choices)}"
+
+
+def _parse_seed(v: Any, where: str) -> NoiseKey:
+    """A seed is an int, or "S:K" for the K-th latent drawn from one generator seeded S."""
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        return NoiseKey(v)
+    if isinstance(v, str):
+        s, _, k = v.partition(":")
+        if s.isdigit() and (k.isdigit() or not k):
+            return NoiseKey(int(s), int(k or 0))
+    raise JobError(f"{where} seeds: {v!r} is not a seed; use a non-negative int or 'SEED:DRAW' like '1:1'")
+
+
+def _parse_walk(raw: Any, i: int, sampling: Sampling) -> Walk:
+    where = f"[[walk]] #{i + 1}"
+    if not isinstance(raw, dict):
+        raise JobError(f"{where} must be a table")
+    kind = raw.get("kind")
+    if kind is None:
+        raise JobError(f"{where} has no kind; set kind to one of {', '.join(WALK_KINDS)}")
+    if kind not in WALK_KINDS:
+        raise JobError(_choice_msg(f"{where} kind", kind, WALK_KINDS))
+    name = raw.get("name", f"{kind}-{i + 1}")
+    where = f"[[walk]] {name!r}"
+    if not isinstance(name, str) or not name or "/" in name:
+        raise JobError(f"{where}: name must be a non-empty string without '/'")
+    body = {k: v for k, v in raw.items() if k not in ("kind", "name")}
+    _check_keys(body, _WALK_KEYS[kind] | {"seed"}, f"{where} (kind {kind!r})")
+    if "seed" in body:  # `seed = 3` is shorthand for `seeds = [3]`
+        if "seeds" in body:
+            raise JobError(f"{where}: give seed or seeds, not both")
+        body["seeds"] = [body.pop("seed")]
+    missing = sorted(_WALK_REQUIRED[kind] - set(body))
+    if missing:
+        raise JobError(f"{where}: missing {', '.join(missing)} for a {kind!r} walk")
+    seeds = body.get("seeds", [])
+    if not isinstance(seeds, list):
+        raise JobError(f"{where} seeds must be a list")
+    body["seeds"] = tuple(_parse_seed(s, where) for s in seeds)
+    for key in ("prompts", "methods"):
+        if key in body:
+            v = body[key]
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise JobError(f"{where} {key} must be a list of strings")
+            body[key] = tuple(v)
+    valid_methods = TEXT_METHODS if kind == "text" else METHODS
+    if kind in ("latent", "text"):
+        body.setdefault("methods", (valid_methods[0],) if kind == "text" else tuple(METHODS))
+        for m in body["methods"]:
+            if m not in valid_methods:
+                raise JobError(_choice_msg(f"{where} methods", m, valid_methods))
+    try:
+        walk = Walk(name=name, kind=kind, **body)
+    except TypeError as e:  # pragma: no cover - keys were checked above
+        raise JobError(f"{where}: {e}") from None
+    for key in ("frames", "stride"):
+        v = getattr(walk, key)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise JobError(f"{where} {key} must be an int, got {v!r}")
+    _check_walk(walk, where, sampling)
+    return walk
+
+
+def _check_walk(w: Walk, where: str, s: Sampling) -> None:
+    n_seeds, n_prompts = len(w.seeds), len(w.prompts)
+    if w.kind == "latent" and n_seeds < 2:
+        raise JobError(f"{where}: a latent walk needs at least 2 seeds (keyframes), got {n_seeds}")
+    if w.kind in ("translate", "mix") and n_seeds != 2:
+        raise JobError(f"{where}: a {w.kind} walk needs exactly 2 seeds (start, end), got {n_seeds}")
+    if w.kind in ("text", "std", "prompts") and n_seeds != 1:
+        raise JobError(f"{where}: a {w.kind} walk uses one fixed latent: give exactly one seed, got {n_seeds}")
+    if w.kind == "text" and n_prompts < 2:
+        raise JobError(f"{where}: a text walk needs at least 2 prompts (keyframes), got {n_prompts}")
+    if w.kind == "prompts" and n_prompts < 1:
+        raise JobError(f"{where}: a prompts walk needs at least 1 prompt")
+    if w.kind in ("latent", "text", "std") and w.frames < 2:
+        raise JobError(f"{where}: frames must be >= 2 (both ends are frames), got {w.frames}")
+    if w.kind in ("translate", "mix") and not 1 <= w.stride <= s.width // 8:
+        raise JobError(f"{where}: stride must be in 1..{s.width // 8} (the latent width), got {w.stride}")
+    if w.kind == "std" and not 0 <= w.std_min <= w.std_max:
+        raise JobError(f"{where}: need 0 <= std_min <= std_max, got {w.std_min}, {w.std_max}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Planning: one small row per frame
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FrameRow:
+    """Everything needed to render one frame, and its provenance. No tensors."""
+
+    frame_id: str  # "{walk}/{method or kind}/{index:05d}", stable across runs
+    walk: str
+    kind: str
+    method: str  # interpolation method ("" where the kind has none)
+    index: int  # position along the walk
+    segment: int  # keyframe segment (0 for two-endpoint walks)
+    seed: int  # start latent (or the only one)
+    draw: int
+    prompt: str  # the prompt rendered (text walks: the segment's start prompt)
+    seed_b: int | None = None  # end latent of the segment
+    draw_b: int | None = None
+    prompt_b: str | None = None  # text walks: the segment's end prompt
+    gamma: float | None = None  # latent / text walks
+    t: int | None = None  # translate / mix
+    std: float | None = None  # std sweep
+
+
+FramePlan = list[FrameRow]
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    rows: tuple[FrameRow, ...]
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:05d}"
+
+
+def plan(job: RenderJob) -> FramePlan:
+    """Expand every walk of the job into frame rows, in walk order."""
+    rows: FramePlan = []
+    for w in job.walks:
+        rows.extend(_plan_walk(w, job.latent_hw[1]))
+    return rows
+
+
+def _segments(frames: int, keyframes: int) -> list[tuple[int, float]]:
+    """(segment, local gamma) per frame; segments share their keyframe; gamma = i / (frames - 1)."""
+    out = [(0, 0.0)]
+    for k in range(keyframes - 1):
+        out.extend((k, i / (frames - 1)) for i in range(1, frames))
+    return out
+
+
+def _plan_walk(w: Walk, latent_w: int) -> FramePlan:
+    s0 = w.seeds[0]
+    if w.kind in ("latent", "text"):
+        keys = w.seeds if w.kind == "latent" else w.prompts
+        rows = []
+        for m in w.methods:
+            for i, (k, g) in enumerate(_segments(w.frames, len(keys))):
+                ends = dict(seed=s0.seed, draw=s0.draw, prompt=w.prompts[k] if w.kind == "text" else w.prompt)
+                if w.kind == "latent":
+                    a, b = w.seeds[k], w.seeds[k + 1]
+                    ends.update(seed=a.seed, draw=a.draw, seed_b=b.seed, draw_b=b.draw)
+                else:
+                    ends.update(prompt_b=w.prompts[k + 1])
+                rows.append(FrameRow(f"{w.name}/{m}/{i:05d}", w.name, w.kind, m, i, k, gamma=g, **ends))
+        return rows
+    if w.kind in ("translate", "mix"):
+        ts = list(range(0, latent_w, w.stride)) + [latent_w]
+        b = w.seeds[1]
+        return [
+            FrameRow(f"{w.name}/{w.kind}/{i:05d}", w.name, w.kind, "", i, 0, s0.seed, s0.draw, w.prompt,
+                     seed_b=b.seed, draw_b=b.draw, t=t)
+            for i, t in enumerate(ts)
+        ]
+    if w.kind == "std":
+        stds = [w.std_min + (w.std_max - w.std_min) * i / (w.frames - 1) for i in range(w.frames)]
+        return [
+            FrameRow(f"{w.name}/std/{i:05d}", w.name, w.kind, "", i, 0, s0.seed, s0.draw, w.prompt, std=v)
+            for i, v in enumerate(stds)
+        ]
+    # prompts: one latent under several prompts
+    return [
+        FrameRow(f"{w.name}/prompts/{i:05d}", w.name, w.kind, "", i, 0, s0.seed, s0.draw, p)
+        for i, p in enumerate(w.prompts)
+    ]
+
+
+def shard(rows: FramePlan, size: int) -> list[Shard]:
+    """Cut the plan into consecutive shards of `size` rows (the last may be shorter)."""
+    if size < 1:
+        raise JobError(f"shard size must be >= 1, got {size}")
+    return [Shard(i, tuple(rows[j : j + size])) for i, j in enumerate(range(0, len(rows), size))]

@@ -1,0 +1,292 @@
+"""Parquet output: one file per shard, written to a temporary name and renamed, then a commit marker.
+
+Layout of a run folder (a local path or any `pyarrow.fs` URI such as s3://bucket/run):
+
+    run.json                       the job, its fingerprint, the hpcwalk version
+    frames/shard-00000.parquet     frames of shard 0 (provenance columns + image bytes)
+    commits/shard-00000.done.json  commit marker: rows, sha256, timings, device
+
+frames/ holds only Parquet, so pyarrow.dataset, DuckDB and Polars read it as it is.
+
+A shard counts only once its marker exists; readers read committed shards only, and a rerun renders
+only uncommitted shards. A folder holding another job's fingerprint is refused without overwrite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import platform
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+import hpcwalk
+from hpcwalk.job import FrameRow, RenderJob, Shard
+
+FRAMES_DIR = "frames"
+COMMITS_DIR = "commits"
+
+
+class StoreError(RuntimeError):
+    """The output folder cannot be used; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema
+# ---------------------------------------------------------------------------------------------
+
+PROVENANCE_FIELDS = [
+    pa.field("frame_id", pa.string(), nullable=False),
+    pa.field("walk", pa.string(), nullable=False),
+    pa.field("kind", pa.string(), nullable=False),
+    pa.field("method", pa.string(), nullable=False),
+    pa.field("index", pa.int32(), nullable=False),
+    pa.field("segment", pa.int32(), nullable=False),
+    pa.field("seed", pa.int64(), nullable=False),
+    pa.field("draw", pa.int32(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("seed_b", pa.int64()),
+    pa.field("draw_b", pa.int32()),
+    pa.field("prompt_b", pa.string()),
+    pa.field("gamma", pa.float64()),
+    pa.field("t", pa.int32()),
+    pa.field("std", pa.float64()),
+]
+FRAME_FIELDS = [
+    pa.field("shard", pa.int32(), nullable=False),
+    pa.field("latent_norm", pa.float32(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("image", pa.binary(), nullable=False),
+]
+
+
+def run_metadata(job: RenderJob, scheduler_config: dict[str, Any] | None = None) -> dict[str, str]:
+    """Schema metadata carried by every shard: what produced these frames."""
+    s = job.sampling
+    return {
+        "hpcwalk_version": hpcwalk.__version__,
+        "model_id": job.model.id,
+        "model_revision": job.model.revision or "",
+        "scheduler": s.scheduler,
+        "scheduler_config": json.dumps(scheduler_config or {}, sort_keys=True, default=str),
+        "steps": str(s.steps),
+        "guidance": str(s.guidance),
+        "negative_prompt": s.negative_prompt,
+        "dtype": job.render.dtype,
+        "clip_model": f"{job.clip.model}/{job.clip.pretrained}",
+        "image_format": job.output.image_format,
+        "job_fingerprint": job.fingerprint(),
+    }
+
+
+def encode_image(frame: np.ndarray, fmt: str = "png") -> bytes:
+    """uint8 (H, W, 3) -> PNG (default), lossless WebP, or JPEG q95 bytes; deterministic."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    img = Image.fromarray(frame)
+    if fmt == "png":
+        img.save(buf, format="PNG", compress_level=6)
+    elif fmt == "webp":
+        img.save(buf, format="WEBP", lossless=True)
+    else:
+        img.save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def frames_table(rows: list[FrameRow], images: list[bytes], latent_norm: np.ndarray, shard: int,
+                 height: int, width: int, extra: dict[str, pa.Array] | None = None,
+                 metadata: dict[str, str] | None = None) -> pa.Table:
+    """Provenance columns + frame columns (+ extra columns, e.g. CLIP) as one Arrow table."""
+    n = len(rows)
+    cols: dict[str, pa.Array] = {}
+    for f in PROVENANCE_FIELDS:
+        cols[f.name] = pa.array([getattr(r, f.name) for r in rows], type=f.type)
+    cols["shard"] = pa.array([shard] * n, pa.int32())
+    cols["latent_norm"] = pa.array(np.asarray(latent_norm, np.float32))
+    cols["width"] = pa.array([width] * n, pa.int32())
+    cols["height"] = pa.array([height] * n, pa.int32())
+    cols["image"] = pa.array(images, pa.binary())
+    fields = PROVENANCE_FIELDS + FRAME_FIELDS
+    for name, arr in (extra or {}).items():
+        cols[name] = arr
+        fields = fields + [pa.field(name, arr.type)]
+    schema = pa.schema(fields, metadata=metadata)
+    return pa.Table.from_pydict(cols, schema=schema)
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+# ---------------------------------------------------------------------------------------------
+
+
+def preflight(uri: str, job: RenderJob, overwrite: bool = False) -> Literal["new", "resume", "replace"]:
+    """Check an output folder before any work, writing nothing; raise StoreError naming the fix."""
+    fs, root = _fs(uri)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        raise StoreError(f"output {uri!r} is a file, not a folder: choose another --out")
+    if info.type == pafs.FileType.Directory:
+        run_json = f"{root}/run.json"
+        if fs.get_file_info(run_json).type == pafs.FileType.File:
+            with fs.open_input_stream(run_json) as f:
+                prev = json.loads(f.read()).get("job_fingerprint")
+            if overwrite:
+                return "replace"
+            if prev != job.fingerprint():
+                raise StoreError(
+                    f"output {uri!r} holds another job (fingerprint {prev}, this job {job.fingerprint()}): "
+                    "choose another --out, or pass --overwrite to replace it"
+                )
+            return "resume"
+        if fs.get_file_info(pafs.FileSelector(root)):
+            # never delete a folder we did not write, even with --overwrite
+            raise StoreError(f"output {uri!r} exists, is not empty and is not an hpcwalk run: choose a new --out")
+    if isinstance(fs, pafs.LocalFileSystem):
+        anc = root
+        while not os.path.exists(anc):
+            anc = os.path.dirname(anc)
+        if not os.path.isdir(anc) or not os.access(anc, os.W_OK | os.X_OK):
+            raise StoreError(f"output {uri!r} is not writable ({anc!r} is not a writable folder): choose another --out")
+    return "new"
+
+
+@dataclass
+class CommitMarker:
+    shard: int
+    rows: int
+    sha256: str
+    bytes: int
+    timings: dict[str, float] = field(default_factory=dict)
+    device: str = ""
+    host: str = field(default_factory=platform.node)
+    committed_at: float = field(default_factory=time.time)
+
+
+def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+class ShardStore:
+    """Writes committed shards of one job into one run folder."""
+
+    def __init__(self, uri: str, job: RenderJob, overwrite: bool = False, metadata: dict[str, str] | None = None):
+        self.uri = uri
+        self.job = job
+        self.fs, self.root = _fs(uri)
+        self.frames = f"{self.root}/{FRAMES_DIR}"
+        self.commits = f"{self.root}/{COMMITS_DIR}"
+        self.metadata = metadata or run_metadata(job)
+        self._open(overwrite)
+
+    # -- 1. open: validate the folder before any work -------------------------------------------
+
+    def _open(self, overwrite: bool) -> None:
+        if preflight(self.uri, self.job, overwrite) == "replace":
+            self.fs.delete_dir_contents(self.root)
+        try:
+            self.fs.create_dir(self.frames, recursive=True)
+            self.fs.create_dir(self.commits, recursive=True)
+            self._write_atomic(f"{self.root}/run.json", json.dumps(
+                {"job_fingerprint": self.job.fingerprint(), "hpcwalk_version": hpcwalk.__version__,
+                 "source": self.job.source, "job": dataclasses.asdict(self.job), "metadata": self.metadata},
+                indent=2, default=str).encode())
+        except OSError as e:
+            raise StoreError(f"cannot write to output {self.uri!r}: {e}. Choose a writable --out") from None
+
+    def _read(self, path: str) -> bytes:
+        with self.fs.open_input_stream(path) as f:
+            return f.read()
+
+    def _write_atomic(self, path: str, data: bytes) -> None:
+        """Write to a hidden temporary name beside `path`, then rename into place."""
+        head, _, tail = path.rpartition("/")
+        tmp = f"{head}/.{tail}.tmp-{uuid.uuid4().hex[:8]}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, path)
+
+    # -- 2. resume ----------------------------------------------------------------------------
+
+    def committed(self) -> set[int]:
+        """Indices of committed shards (those with a marker)."""
+        return committed_shards(self.uri)
+
+    # -- 3. write ------------------------------------------------------------------------------
+
+    def write(self, shard: Shard, table: pa.Table, timings: dict[str, float] | None = None,
+              device: str = "") -> CommitMarker:
+        """Commit one shard: Parquet to a temporary name, rename, then the marker."""
+        if table.num_rows != len(shard.rows):
+            raise StoreError(f"{shard.name}: table has {table.num_rows} rows, shard has {len(shard.rows)}")
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{
+            k.encode(): v.encode() for k, v in self.metadata.items()}})
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        data = buf.getvalue()
+        self._write_atomic(f"{self.frames}/{shard.name}.parquet", data)
+        marker = CommitMarker(shard.index, table.num_rows, hashlib.sha256(data).hexdigest(), len(data),
+                              timings or {}, device)
+        self._write_atomic(f"{self.commits}/{shard.name}.done.json",
+                           json.dumps(dataclasses.asdict(marker), indent=2).encode())
+        return marker
+
+    def close(self) -> None:
+        """Nothing is buffered: every write is committed when `write` returns."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers
+# ---------------------------------------------------------------------------------------------
+
+
+def committed_shards(uri: str) -> set[int]:
+    """Indices of a run's committed shards (those with a marker); empty for a new folder."""
+    fs, root = _fs(uri)
+    sel = pafs.FileSelector(f"{root}/{COMMITS_DIR}", allow_not_found=True)
+    return {int(i.base_name[len("shard-"):-len(".done.json")]) for i in fs.get_file_info(sel)
+            if i.base_name.startswith("shard-") and i.base_name.endswith(".done.json")}
+
+
+def committed_files(uri: str) -> list[str]:
+    """Paths of committed shard files of a run, in shard order."""
+    fs, root = _fs(uri)
+    def names(d: str) -> set[str]:
+        return {i.base_name for i in fs.get_file_info(pafs.FileSelector(f"{root}/{d}", allow_not_found=True))}
+
+    frames = names(FRAMES_DIR)
+    return sorted(f"{root}/{FRAMES_DIR}/{n[:-10]}.parquet" for n in names(COMMITS_DIR)
+                  if n.endswith(".done.json") and f"{n[:-10]}.parquet" in frames)
+
+
+def read_frames(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """All committed frames of a run as one Arrow table (uncommitted files are ignored)."""
+    fs, _ = _fs(uri)
+    files = committed_files(uri)
+    if not files:
+        raise StoreError(f"{uri!r} has no committed shards: render into it first")
+    return pa.concat_tables([pq.read_table(f, columns=columns, filesystem=fs) for f in files],
+                            promote_options="default")
+
+
+def read_run(uri: str) -> dict[str, Any]:
+    """The run.json of a run folder."""
+    fs, root = _fs(uri)
+    try:
+        with fs.open_input_stream(f"{root}/run.json") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        raise StoreError(f"{uri!r} is not an hpcwalk run folder (no run.json)") from None
