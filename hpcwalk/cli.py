@@ -5,10 +5,11 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
+from hpcwalk.compile import CompileError
 from hpcwalk.job import DTYPES, JobError
 
 app = typer.Typer(
@@ -28,6 +29,58 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+# Executor flags, shared by every command that renders: declare them with these aliases
+# (`ray: RayOption = None, workers: WorkersOption = None, gpus_per_worker: GpusPerWorkerOption = None,
+# retries: RetriesOption = 2`) and turn them into checked ExecutorOptions with `executor_options`.
+RayOption = Annotated[Optional[str], typer.Option(
+    "--ray", metavar="[ADDRESS]",
+    help="Render on Ray: auto, HOST:PORT of the head, ray://HOST:10001, or no value: RAY_ADDRESS when set "
+         "(as under `ray job submit`), else a new local instance. Without --ray, frames render in this process.")]
+WorkersOption = Annotated[Optional[int], typer.Option(
+    "--workers", help="Ray workers (default: one per GPU of the cluster; without GPUs, one CPU worker per node).")]
+GpusPerWorkerOption = Annotated[Optional[float], typer.Option(
+    "--gpus-per-worker", help="GPUs per Ray worker (default 1; 0.5 puts two workers on each GPU).")]
+RetriesOption = Annotated[int, typer.Option(
+    "--retries", help="Re-runs of a shard whose Ray worker died under it, before it is reported failed.")]
+
+
+def executor_options(ray: Optional[str], workers: Optional[int], gpus_per_worker: Optional[float],
+                     retries: int = 2):
+    """The executor flags as checked `ExecutorOptions`; bad flags exit 2 with one line."""
+    from hpcwalk.executors import ExecutorError, ExecutorOptions
+    from hpcwalk.ray_executor import check_reachable
+
+    try:
+        options = ExecutorOptions(ray=ray, workers=workers, gpus_per_worker=gpus_per_worker, max_retries=retries)
+        check_reachable(options.check().ray)
+        return options
+    except ExecutorError as e:
+        _fail(str(e))
+
+
+def check_render_device(job, executor) -> None:
+    """Model, device, dtype and [compile] checks where the frames will render: here without --ray; with
+    --ray only the model source here (the driver may be a CPU-only head), the rest on each worker while
+    it starts, which still stops the run (exit 2) before anything is written."""
+    from hpcwalk.models import check_model_spec, model_source
+
+    if executor is None or executor.ray is None:
+        check_model_spec(job.model.id, job.render.dtype, job.render.device)
+        check_speed(job)  # [compile] choices that cannot run on this device (CompileError)
+    else:
+        model_source(job.model.id)
+
+
+def expand_ray_flag(argv: list[str]) -> list[str]:
+    """`--ray` given without a value (last, or before another option) means `--ray default`."""
+    out: list[str] = []
+    for i, a in enumerate(argv):
+        out.append(a)
+        if a == "--ray" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append("default")
+    return out
+
+
 @app.command()
 def render(
     job_file: Path = typer.Argument(..., help="TOML job file (see examples/quickstart.toml)."),
@@ -35,44 +88,54 @@ def render(
     model: Optional[str] = typer.Option(None, help="Override [model] id: tiny, sd14-random, a hub id, a diffusers folder or a .safetensors file."),
     device: Optional[str] = typer.Option(None, help="Override [render] device: auto, cpu, cuda or cuda:N."),
     dtype: Optional[str] = typer.Option(None, help=f"Override [render] dtype: {', '.join(DTYPES)}."),
+    compile_mode: Optional[str] = typer.Option(None, "--compile", help="Override [compile] mode: none, default, max-autotune, reduce-overhead (CUDA graphs)."),
+    attention: Optional[str] = typer.Option(None, "--attention", help="Override [compile] attention: sdpa, xformers (CUDA, needs xformers), cudnn (CUDA)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Override [render] batch_size (frames per micro-batch)."),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Override [output] shard_size (frames per Parquet file). Changing it changes the job fingerprint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out (otherwise a rerun resumes, and another job's folder is refused)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    ray: RayOption = None,
+    workers: WorkersOption = None,
+    gpus_per_worker: GpusPerWorkerOption = None,
+    retries: RetriesOption = 2,
 ) -> None:
     """Render every frame of JOB_FILE into Parquet shards under --out.
 
     A rerun with the same job resumes: committed shards are skipped. Exit codes: 0 all shards
     committed, 1 some shard failed (listed; committed shards stay), 2 bad input (nothing written).
     """
+    from hpcwalk.clip import check_job_clip
     from hpcwalk.job import load_job, plan, shard
-    from hpcwalk.models import ModelLoadError, check_model_spec
+    from hpcwalk.models import ModelLoadError
     from hpcwalk.store import StoreError, preflight
 
     # 1. validate everything before any work
+    executor = executor_options(ray, workers, gpus_per_worker, retries)
     try:
         job = load_job(job_file).with_overrides(model=model, device=device, dtype=dtype,
-                                                batch_size=batch_size, shard_size=shard_size)
-        check_model_spec(job.model.id, job.render.dtype, job.render.device)
+                                                batch_size=batch_size, shard_size=shard_size,
+                                                compile_mode=compile_mode, attention=attention)
+        check_render_device(job, executor)
+        check_job_clip(job)  # CLIP names, tags and cached weights (ClipLoadError is a ModelLoadError)
         mode = preflight(out, job, overwrite)
-    except (JobError, StoreError, ModelLoadError) as e:
+    except (JobError, StoreError, ModelLoadError, CompileError) as e:
         _fail(str(e))
     rows = plan(job)
     shards = shard(rows, job.output.shard_size)
     typer.echo(f"hpcwalk: {len(rows)} frames in {len(shards)} shards, model {job.model.id}, "
                f"{job.sampling.steps} steps, {job.render.dtype} ({mode} run in {out})", err=True)
-    run_job(job, out, shards, overwrite=overwrite, progress=progress)
+    run_job(job, out, shards, overwrite=overwrite, progress=progress, executor=executor)
 
 
-def run_job(job, out: str, shards, overwrite: bool = False, progress: bool = True) -> None:
-    """Render what is not committed yet (executors.run_render), print the summary, exit 1 on failures."""
-    from hpcwalk.executors import run_render
+def run_job(job, out: str, shards, overwrite: bool = False, progress: bool = True, executor=None) -> None:
+    """Render what is not committed yet (executors.run_render, local or on Ray), print the summary, exit 1 on failures."""
+    from hpcwalk.executors import ExecutorError, run_render
     from hpcwalk.models import ModelLoadError
     from hpcwalk.store import StoreError
 
     try:
-        summary = run_render(job, out, shards, overwrite=overwrite, progress=progress)
-    except (ModelLoadError, StoreError) as e:
+        summary = run_render(job, out, shards, overwrite=overwrite, progress=progress, executor=executor)
+    except (ModelLoadError, StoreError, ExecutorError, CompileError) as e:
         _fail(str(e))
     typer.echo(summary.describe())
     if summary.failed:
@@ -82,8 +145,226 @@ def run_job(job, out: str, shards, overwrite: bool = False, progress: bool = Tru
         raise typer.Exit(1)
 
 
+@app.command()
+def video(
+    run_dir: str = typer.Argument(..., help="A run folder written by `hpcwalk render` (may be partial)."),
+    walk: Optional[str] = typer.Option(None, "--walk", "-w", help="Walk to film (default: every walk, one video each)."),
+    method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Method(s) side by side, in this order (repeatable; default: all of the walk's)."),
+    fps: float = typer.Option(30.0, help="Frames per second."),
+    crf: int = typer.Option(18, help="Quality for mp4 (libx264, 0-51) and webm (VP9, 0-63): lower is better. webp and gif ignore it."),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help="mp4 (H.264 yuv420p, faststart), webm, webp or gif (default: --out's extension, else mp4)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output file (needs --walk when the run has several walks; default RUN_DIR/videos/WALK.FMT)."),
+    labels: bool = typer.Option(True, "--labels/--no-labels", help="Method names above the panels, the walk parameter below."),
+) -> None:
+    """Stream a walk's committed frames into a video, its methods side by side; says what is missing."""
+    import os
+
+    from hpcwalk.runindex import open_run
+    from hpcwalk.store import StoreError
+    from hpcwalk.video import VideoError, VideoOptions, check_options, select_tracks, write_video
+
+    # 1. validate: the run, the options, the walks
+    fmt = format or {".webm": "webm", ".webp": "webp", ".gif": "gif"}.get(os.path.splitext(out or "")[1].lower(), "mp4")
+    opts = VideoOptions(format=fmt, fps=fps, crf=crf, labels=labels)
+    try:
+        check_options(opts)
+        index = open_run(run_dir)
+        walks = [walk] if walk else index.walks()
+        if out and len(walks) > 1:
+            _fail(f"--out names one file but {run_dir!r} has {len(walks)} walks: add --walk NAME (one of {', '.join(walks)})")
+        if walk:
+            select_tracks(index, walk, method)
+        for line in index.missing_report():
+            typer.echo(f"warning: {line}", err=True)
+        # 2. one video per walk (with no --walk, walks lacking frames or a --method are skipped, and said so)
+        written = 0
+        for w in walks:
+            tracks = index.tracks(w)
+            lacking = [m for m in method or [] if m not in {t.label for t in tracks}]
+            if not walk and (lacking or not any(t.rows.num_rows for t in tracks)):
+                why = f"no method {', '.join(lacking)}" if lacking else "no committed frames yet"
+                typer.echo(f"skipped walk {w!r}: {why}", err=True)
+                continue
+            typer.echo(write_video(index, w, out, method, opts).describe())
+            written += 1
+        if not written:
+            _fail(f"no walk of {run_dir!r} has committed frames" + (f" for method {', '.join(method)}" if method else ""))
+    except (StoreError, VideoError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def view(
+    run_dir: str = typer.Argument(..., help="A run folder written by `hpcwalk render` (may be partial)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Viewer folder (default RUN_DIR/viewer); must be new, empty or a previous viewer."),
+    thumb_size: int = typer.Option(160, "--thumb-size", min=16, help="Longest side of the strip thumbnails, in pixels."),
+) -> None:
+    """Write a static viewer (index.html + images, no server; opens from file://); says what is missing."""
+    from hpcwalk.runindex import open_run
+    from hpcwalk.store import StoreError
+    from tqdm import tqdm
+
+    from hpcwalk.viewer import ViewerError, build_viewer, check_out, default_out
+
+    try:
+        index = open_run(run_dir)
+        check_out(out or default_out(index))
+        for line in index.missing_report():
+            typer.echo(f"warning: {line}", err=True)
+        with tqdm(total=index.table.num_rows, unit="frame", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
+            typer.echo(build_viewer(index, out, thumb_size=thumb_size, progress=bar.update).describe())
+    except (StoreError, ViewerError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def study(
+    study_file: Path = typer.Argument(..., help="Study TOML: a [study] table plus the job tables (see examples/study.toml)."),
+    out: str = typer.Option(..., "--out", "-o", help="Study folder (local): a run folder plus study.parquet, study.json, report.html and figures/."),
+    model: Optional[str] = typer.Option(None, help="Override [model] id."),
+    device: Optional[str] = typer.Option(None, help="Override [render] device: auto, cpu, cuda or cuda:N."),
+    dtype: Optional[str] = typer.Option(None, help=f"Override [render] dtype: {', '.join(DTYPES)}."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Override [render] batch_size."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing study in --out (otherwise a rerun resumes)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    ray: RayOption = None,
+    workers: WorkersOption = None,
+    gpus_per_worker: GpusPerWorkerOption = None,
+    retries: RetriesOption = 2,
+) -> None:
+    """Render N seed pairs x methods x n frames, CLIP-scored in the same pass, and report InterpScore
+    per method with bootstrap CIs, paired differences, curves along gamma and smoothness.
+
+    A rerun renders only uncommitted shards, then rewrites the analysis. Exit codes: 0 done,
+    1 some shard failed (rerun to retry), 2 bad input (nothing written).
+    """
+    import dataclasses
+
+    from hpcwalk.clip import check_job_clip
+    from hpcwalk.executors import ExecutorError
+    from hpcwalk.models import ModelLoadError, check_model_spec
+    from hpcwalk.store import StoreError, preflight
+    from hpcwalk.study import load_study, run_study
+
+    # 1. validate everything before any work
+    executor = executor_options(ray, workers, gpus_per_worker, retries)
+    if "://" in out:
+        _fail(f"--out {out!r}: a study writes its report to a local folder; pass a local path")
+    try:
+        st = load_study(study_file)
+        st = dataclasses.replace(st, job=st.job.with_overrides(model=model, device=device, dtype=dtype,
+                                                               batch_size=batch_size))
+        check_model_spec(st.job.model.id, st.job.render.dtype, st.job.render.device)
+        check_job_clip(st.job)
+        mode = preflight(out, st.job, overwrite)
+    except (JobError, StoreError, ModelLoadError) as e:
+        _fail(str(e))
+    s = st.spec
+    typer.echo(f"hpcwalk study: {s.pairs} seed pairs x {len(s.prompts)} prompt(s) x {len(s.methods)} methods x "
+               f"{s.frames} frames, model {st.job.model.id}, CLIP "
+               f"{', '.join(f'{m}/{p}' for _, m, p in st.job.clip.models(st.job.model.id))} ({mode} run in {out})", err=True)
+    # 2. render + score what is missing, then analyse
+    try:
+        result = run_study(st, out, overwrite=overwrite, progress=progress, executor=executor)
+    except (JobError, ModelLoadError, StoreError, ExecutorError) as e:
+        _fail(str(e))
+    typer.echo(result.render.describe())
+    if result.status == "failed":
+        for r in result.render.failed:
+            typer.echo(f"failed: shard-{r.shard:05d}: {r.error}", err=True)
+        typer.echo("no report written: rerun the same command to retry the failed shards", err=True)
+        raise typer.Exit(1)
+    # 3. the headline numbers and where everything is
+    import json
+
+    summary = json.loads(Path(out, "study.json").read_text())
+    for p, per in summary["interp_score"].items():
+        for m, iv in per.items():
+            typer.echo(f"InterpScore {p} {m:>10}: {iv['estimate']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}]")
+    typer.echo(f"report: {Path(out, 'report.html')}")
+
+
+@app.command()
+def score(
+    run_dir: str = typer.Argument(..., help="A run folder written by `hpcwalk render` or `hpcwalk study`."),
+    clip_model: str = typer.Option(..., "--clip-model", help="open_clip model: tiny-clip, an architecture such as ViT-H-14, or local-dir:/path."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Weights: an open_clip tag (e.g. laion2b_s32b_b79k), a weights file, or none (random). Default: none for tiny-clip."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("float32", help=f"CLIP dtype: {', '.join(DTYPES)}."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Frames per CLIP batch."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Re-score every shard (otherwise a rerun scores only the rest)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Re-score a run's frames with another CLIP model without re-rendering: writes
+    RUN_DIR/scores/MODEL__TAG/ (frame_id, clip_image, clip_score, clip_score_b), keyed by frame id."""
+    from tqdm import tqdm
+
+    from hpcwalk.clip import BUILTIN_CLIP, check_clip
+    from hpcwalk.models import ModelLoadError, resolve_device, resolve_dtype
+    from hpcwalk.score import preflight_score, score_run
+    from hpcwalk.store import StoreError
+
+    # 1. validate everything before any work
+    if pretrained is None:
+        if clip_model not in BUILTIN_CLIP and not clip_model.startswith("local-dir:"):
+            _fail(f"--pretrained is needed for {clip_model!r}: an open_clip tag such as openai or "
+                  "laion2b_s32b_b79k, a weights file, or none")
+        pretrained = "none" if clip_model in BUILTIN_CLIP else ""
+    if batch_size < 1:
+        _fail(f"--batch-size must be >= 1, got {batch_size}")
+    try:
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        check_clip(clip_model, pretrained)
+        out = preflight_score(run_dir, clip_model, pretrained, overwrite)
+    except (ModelLoadError, StoreError) as e:
+        _fail(str(e))
+    typer.echo(f"hpcwalk score: {run_dir} with {clip_model}/{pretrained} on {dev} -> {out}", err=True)
+    # 2. score the shards not scored yet
+    bar = tqdm(unit="frame", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    try:
+        summary = score_run(run_dir, clip_model, pretrained, dev, dt, batch_size, overwrite, progress=bar.update)
+    except (ModelLoadError, StoreError) as e:
+        _fail(str(e))
+    finally:
+        bar.close()
+    typer.echo(summary.describe())
+
+
+def check_speed(job) -> None:
+    """The job's [compile] choices must run on its device; raises CompileError naming the fix."""
+    from hpcwalk.models import resolve_device
+
+    job.compile.check(resolve_device(job.render.device), job.sampling.scheduler)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(
+    ctx: typer.Context,
+    which: str = typer.Argument(..., help="throughput (frames/s: hpcwalk vs diffusers, and peers) or latency (per-step UNet, VAE, CLIP)."),
+) -> None:
+    """Run a benchmark from benchmarks/ (needs a source checkout); other options go to the script.
+
+    Examples: `hpcwalk bench throughput --smoke`, `hpcwalk bench latency --model sd14-random --dtype float16`.
+    Each writes JSON to benchmarks/results/ (or --out); see benchmarks/README.md.
+    """
+    import subprocess
+
+    import hpcwalk
+
+    # 1. find the script next to the package
+    scripts = {"throughput": "throughput.py", "latency": "step_latency.py"}
+    if which not in scripts:
+        _fail(f"unknown benchmark {which!r}: choose one of {', '.join(scripts)}")
+    path = Path(hpcwalk.__file__).resolve().parents[1] / "benchmarks" / scripts[which]
+    if not path.is_file():
+        _fail(f"{path} not found: benchmarks live in the source checkout; run from a git clone installed with pip install -e .")
+    # 2. run it with this interpreter, passing the remaining options through
+    raise typer.Exit(subprocess.call([sys.executable, str(path), *ctx.args]))
+
+
 def main() -> None:
-    app()
+    app(args=expand_ray_flag(sys.argv[1:]))
 
 
 if __name__ == "__main__":

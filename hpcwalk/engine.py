@@ -8,15 +8,19 @@ Inside the denoise loop there is no host sync and no per-frame Python work.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from hpcwalk import interp
+from hpcwalk.clip import ClipScorer, load_scorers, score_frames, to_arrow
+from hpcwalk.compile import CompileConfig, prepare
 from hpcwalk.job import FrameRow, NoiseKey, RenderJob, Sampling
 from hpcwalk.models import SDComponents, load_components
 
@@ -60,8 +64,10 @@ class RenderOutput:
 class Renderer:
     """Renders plan rows with one set of loaded SD components."""
 
-    def __init__(self, components: SDComponents, sampling: Sampling, batch_size: int = 8):
+    def __init__(self, components: SDComponents, sampling: Sampling, batch_size: int = 8,
+                 scorers: Sequence[ClipScorer] = (), compile: CompileConfig | None = None):
         self.c = components
+        self.scorers = tuple(scorers)  # CLIP models embedding every decoded frame (hpcwalk.clip)
         self.sampling = sampling
         self.batch_size = batch_size
         self.device, self.dtype = components.device, components.dtype
@@ -69,12 +75,15 @@ class Renderer:
         self._noise: dict[NoiseKey, torch.Tensor] = {}
         self._prompt: dict[str, torch.Tensor] = {}
         make_scheduler(sampling.scheduler, components.scheduler_config)  # fail early on a bad config
+        self.speed = prepare(compile or CompileConfig(), components, sampling.scheduler)  # hpcwalk/compile.py
+        self._fused = self._fused_schedule() if self.speed.config.step == "fused" else None
+        self._vae32: torch.nn.Module | None = None  # float32 VAE copy for the NaN guard, made on first need
 
     @classmethod
     def from_job(cls, job: RenderJob) -> "Renderer":
         """Load the job's model on its device in its dtype and wrap it."""
         c = load_components(job.model.id, job.render.dtype, job.render.device, job.model.revision)
-        return cls(c, job.sampling, job.render.batch_size)
+        return cls(c, job.sampling, job.render.batch_size, load_scorers(job, c.device, c.dtype), compile=job.compile)
 
     # -- 1. inputs ------------------------------------------------------------------------------
 
@@ -127,42 +136,109 @@ class Renderer:
     @torch.no_grad()
     def denoise(self, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The sampler loop of StableDiffusionPipeline: CFG as one UNet call on 2N, diffusers' scheduler."""
+        if self._fused is not None:
+            return self._denoise_fused(latents, cond)
         s = self.sampling
         sched = make_scheduler(s.scheduler, self.c.scheduler_config)
         sched.set_timesteps(s.steps, device=self.device)
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(0)  # skips the timestep lookup (a host sync) on the first step
         cfg = s.guidance > 1.0
-        n = latents.shape[0]
-        emb = cond
-        if cfg:
-            uncond = self.encode_prompt(s.negative_prompt).expand(n, -1, -1)
-            emb = torch.cat([uncond, cond])  # (2N, 77, D)
+        emb = self._guidance_embeddings(cond, cfg)
         x = latents.to(self.dtype) * sched.init_noise_sigma
         for t in sched.timesteps:
             xin = torch.cat([x, x]) if cfg else x
             xin = sched.scale_model_input(xin, t)
-            eps = self.c.unet(xin, t, encoder_hidden_states=emb, return_dict=False)[0]
+            self.speed.mark_step()
+            eps = self.speed.unet(xin, t, encoder_hidden_states=emb, return_dict=False)[0]
             if cfg:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + s.guidance * (eps_c - eps_u)
             x = sched.step(eps, t, x, return_dict=False)[0]
         return x  # (N, 4, h, w)
 
+    def _guidance_embeddings(self, cond: torch.Tensor, cfg: bool) -> torch.Tensor:
+        """(2N, 77, D) uncond-then-cond embeddings for one CFG UNet call, or cond alone without CFG."""
+        if not cfg:
+            return cond
+        uncond = self.encode_prompt(self.sampling.negative_prompt).expand(cond.shape[0], -1, -1)
+        return torch.cat([uncond, cond])
+
+    def _fused_schedule(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Timesteps, the guided DPM-Solver++ coefficient table (on the device) and sigma_0, built once."""
+        from hpcwalk.kernels.guided_dpm import dpm_coefficients
+
+        sched = make_scheduler(self.sampling.scheduler, self.c.scheduler_config)
+        sched.set_timesteps(self.sampling.steps, device=self.device)
+        return sched.timesteps, dpm_coefficients(sched, self.device), float(sched.init_noise_sigma)
+
+    @torch.no_grad()
+    def _denoise_fused(self, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The same sampler, guidance and DPM-Solver++(2M) update fused in one op (hpcwalk.kernels.guided_dpm)."""
+        from hpcwalk.kernels.guided_dpm import guided_dpm_step
+
+        timesteps, coef, init_sigma = self._fused
+        s = self.sampling
+        cfg = s.guidance > 1.0
+        emb = self._guidance_embeddings(cond, cfg)
+        x = latents.float() * init_sigma  # the sample stays float32 between steps
+        x0 = torch.zeros_like(x)  # previous data prediction (unused by the first, first-order step)
+        for i, t in enumerate(timesteps):
+            xin = x.to(self.dtype)
+            xin = torch.cat([xin, xin]) if cfg else xin  # DPM-Solver's scale_model_input is the identity
+            self.speed.mark_step()
+            eps = self.speed.unet(xin, t, encoder_hidden_states=emb, return_dict=False)[0]
+            x, x0 = guided_dpm_step(eps, x, x0, coef, i, s.guidance, cfg)
+        return x  # (N, 4, h, w) float32
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE decode and SD's post-processing to uint8 (N, H, W, 3) on the device."""
+        return self.decode_guarded(latents)[0]
+
+    @torch.no_grad()
+    def decode_guarded(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 frames (N, H, W, 3), and (N,) bool: frames the NaN guard re-decoded in float32.
+
+        In float16 the VAE can overflow to inf/NaN; such frames are decoded again by a float32 copy
+        of the VAE. Checking costs one host sync per micro-batch (outside the denoise loop), and only
+        in reduced precision.
+        """
         vae = self.c.vae
-        img = vae.decode(latents.to(self.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        img = (img.float() / 2 + 0.5).clamp(0, 1)
-        return (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        self.speed.mark_step()
+        img = self.speed.vae_decode(latents.to(self.dtype) / vae.config.scaling_factor)  # (N, 3, H, W)
+        bad = torch.zeros(img.shape[0], dtype=torch.bool, device=img.device)
+        if self.dtype != torch.float32:
+            bad = ~torch.isfinite(img).flatten(1).all(dim=1)
+            if bool(bad.any()):
+                if self._vae32 is None:
+                    self._vae32 = copy.deepcopy(vae).float()
+                img = img.float()  # a new tensor: also frees it from CUDA-graph reuse
+                img[bad] = self._vae32.decode(latents[bad].float() / vae.config.scaling_factor, return_dict=False)[0]
+        return self.speed.postprocess(img), bad
+
+    def _to_host(self, frames: torch.Tensor) -> torch.Tensor:
+        """Start an async device -> pinned host copy of uint8 frames (CUDA); CPU frames pass through."""
+        if frames.device.type != "cuda":
+            return frames
+        host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
+        host.copy_(frames, non_blocking=True)
+        return host
+
+    def _host_frames(self, images: list[torch.Tensor]) -> np.ndarray:
+        """Wait for the pending copies (one sync per render call) and join the frames."""
+        if not images:
+            return np.zeros((0, 0, 0, 3), np.uint8)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return torch.cat(images).numpy()
 
     # -- 3. the public entry -------------------------------------------------------------------
 
     def render(self, rows: Sequence[FrameRow], on_batch: Callable[[int], None] | None = None) -> RenderOutput:
         """Render rows in fixed-size micro-batches; returns frames in row order."""
         rows = list(rows)
-        images, norms = [], []
+        images, norms, clip_cols, redecoded = [], [], [], []
         t0 = time.perf_counter()
         for i in range(0, len(rows), self.batch_size):
             batch = rows[i : i + self.batch_size]
@@ -170,13 +246,20 @@ class Renderer:
             full = batch + [batch[-1]] * pad  # fixed shape for compiled graphs; padding dropped below
             z = self.latents(full)
             norms.append((z.flatten(1).norm(dim=1) / z[0].numel() ** 0.5)[: len(batch)])
-            frames = self.decode(self.denoise(z, self.conditioning(full)))[: len(batch)]
-            images.append(frames)
+            decoded, bad = self.decode_guarded(self.denoise(z, self.conditioning(full)))  # (B, H, W, 3) uint8
+            redecoded.append(bad[: len(batch)])
+            if self.scorers:  # CLIP on the same device and micro-batch, padding dropped after
+                clip_cols.append({k: v[: len(batch)] for k, v in score_frames(self.scorers, decoded, full).items()})
+            frames = decoded[: len(batch)]
+            images.append(self._to_host(frames))  # async to pinned memory on CUDA; joined once below
             if on_batch:
                 on_batch(len(batch))
-        out = torch.cat(images).cpu().numpy() if images else np.zeros((0, 0, 0, 3), np.uint8)
+        out = self._host_frames(images)
         latent_norm = torch.cat(norms).float().cpu().numpy() if norms else np.zeros(0, np.float32)
-        return RenderOutput(rows, out, latent_norm, {"render_s": time.perf_counter() - t0})
+        extra = to_arrow(clip_cols) if clip_cols else {}
+        if redecoded:  # the NaN guard's record: True where the frame was decoded again in float32
+            extra["vae_fp32_redecode"] = pa.array(torch.cat(redecoded).cpu().numpy(), pa.bool_())
+        return RenderOutput(rows, out, latent_norm, {"render_s": time.perf_counter() - t0}, extra)
 
 
 def _operator_key(r: FrameRow) -> tuple[str, str, NoiseKey, NoiseKey | None]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from hpcwalk.compile import CompileConfig
 from hpcwalk.interp import METHODS, TEXT_METHODS
 
 WALK_KINDS = ("latent", "text", "translate", "mix", "std", "prompts")
@@ -69,8 +70,32 @@ class RenderSettings:
 
 @dataclass(frozen=True)
 class ClipSpec:
-    model: str = "ViT-L-14"
-    pretrained: str = "openai"
+    """CLIP models that embed and score every frame in the render (see hpcwalk/clip.py)."""
+
+    model: str = "auto"  # auto: tiny-clip for `tiny`, random ViT-L-14 for `sd14-random`, else ViT-L-14
+    pretrained: str = "auto"  # auto: none (random) for the built-in SD models, else openai
+    enabled: bool = True  # false: no CLIP columns
+    second_model: str = ""  # an independent second yardstick (e.g. ViT-H-14), stored as clip2_*
+    second_pretrained: str = ""  # e.g. laion2b_s32b_b79k
+
+    def models(self, sd_model: str) -> tuple[tuple[str, str, str], ...]:
+        """(column prefix, open_clip model, pretrained tag) per CLIP model to score with."""
+        if not self.enabled:
+            return ()
+        auto = {"tiny": ("tiny-clip", "none"), "sd14-random": ("ViT-L-14", "none")}.get(sd_model, ("ViT-L-14", "openai"))
+        model = auto[0] if self.model == "auto" else self.model
+        if self.pretrained != "auto":
+            pretrained = self.pretrained
+        elif model in (auto[0], "tiny-clip"):
+            pretrained = "none" if model == "tiny-clip" else auto[1]
+        else:
+            raise JobError(f"[clip] pretrained: give the weights tag for model {model!r} (e.g. openai for ViT-L-14)")
+        out = [("clip", model, pretrained)]
+        if self.second_model:
+            if not self.second_pretrained:
+                raise JobError(f"[clip] second_pretrained: give the weights tag for second_model {self.second_model!r}")
+            out.append(("clip2", self.second_model, self.second_pretrained))
+        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -102,6 +127,7 @@ class RenderJob:
     render: RenderSettings = RenderSettings()
     clip: ClipSpec = ClipSpec()
     output: OutputSpec = OutputSpec()
+    compile: CompileConfig = CompileConfig()  # speed options (hpcwalk/compile.py); not in the fingerprint
     walks: tuple[Walk, ...] = ()
     source: str = ""  # where it was loaded from (not part of the fingerprint)
 
@@ -115,12 +141,14 @@ class RenderJob:
         d.pop("source")
         d["render"].pop("batch_size")
         d["render"].pop("device")
+        d.pop("compile", None)  # speed options change frames only within the tested bound
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def with_overrides(self, **overrides: Any) -> "RenderJob":
-        """Command-line overrides: model, device, dtype, batch_size, shard_size (None = keep)."""
+        """Command-line overrides: model, device, dtype, batch_size, shard_size, compile_mode, attention (None = keep)."""
         o = {k: v for k, v in overrides.items() if v is not None}
+        speed = self.compile.replace(mode=o.pop("compile_mode", None), attention=o.pop("attention", None))
         raw = {
             "model": {"id": o.pop("model", self.model.id), "revision": self.model.revision},
             "render": {
@@ -139,14 +167,16 @@ class RenderJob:
         render = _build(RenderSettings, raw["render"], "[render]")
         output = _build(OutputSpec, raw["output"], "[output]")
         _check_render(render, output)
-        return dataclasses.replace(self, model=model, render=render, output=output)
+        _check_compile(speed, self.sampling)
+        return dataclasses.replace(self, model=model, render=render, output=output, compile=speed)
 
 
 # ---------------------------------------------------------------------------------------------
 # 2. Loading and validation
 # ---------------------------------------------------------------------------------------------
 
-_TABLES = {"model": ModelSpec, "sampling": Sampling, "render": RenderSettings, "clip": ClipSpec, "output": OutputSpec}
+_TABLES = {"model": ModelSpec, "sampling": Sampling, "render": RenderSettings, "clip": ClipSpec, "output": OutputSpec,
+           "compile": CompileConfig}
 
 _WALK_KEYS: dict[str, set[str]] = {
     "latent": {"prompt", "seeds", "methods", "frames"},
@@ -189,6 +219,8 @@ def parse_job(data: dict[str, Any], source: str = "<dict>") -> RenderJob:
         parts[key] = _build(cls, table, f"[{key}]")
     _check_sampling(parts["sampling"])
     _check_render(parts["render"], parts["output"])
+    _check_compile(parts["compile"], parts["sampling"])
+    parts["clip"].models(parts["model"].id)  # raises JobError on an incomplete [clip] table
     walks_raw = data.get("walk", [])
     if not isinstance(walks_raw, list) or not walks_raw:
         raise JobError("the job has no walks: add at least one [[walk]] table (see examples/quickstart.toml)")
@@ -251,8 +283,15 @@ def _check_render(r: RenderSettings, o: OutputSpec) -> None:
         raise JobError(_choice_msg("[output] image_format", o.image_format, IMAGE_FORMATS))
 
 
+def _check_compile(c: CompileConfig, s: Sampling) -> None:
+    """Values only; whether a choice runs on the device is checked when the renderer is built."""
+    bad = c.problems(s.scheduler)
+    if bad:
+        raise JobError(bad[0])
+
+
 def _choice_msg(where: str, got: Any, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(got), list(choices), n=1)
+    close = difflib.get_close_matches(str(got), list(choices), n=1) or [c for c in choices if c.startswith(str(got))]
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"{where}: unknown value {got!r}{hint}; choose one of {', '.join(choices)}"
 
@@ -310,10 +349,11 @@ def _parse_walk(raw: Any, i: int, sampling: Sampling) -> Walk:
         walk = Walk(name=name, kind=kind, **body)
     except TypeError as e:  # pragma: no cover - keys were checked above
         raise JobError(f"{where}: {e}") from None
-    for key in ("frames", "stride"):
+    for key, want in (("prompt", str), ("frames", int), ("stride", int), ("std_min", float), ("std_max", float)):
         v = getattr(walk, key)
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise JobError(f"{where} {key} must be an int, got {v!r}")
+        ok = isinstance(v, want) or (want is float and isinstance(v, int))
+        if not ok or isinstance(v, bool):
+            raise JobError(f"{where} {key} must be {'an int' if want is int else 'a ' + want.__name__}, got {v!r}")
     _check_walk(walk, where, sampling)
     return walk
 

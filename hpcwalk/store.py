@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -84,7 +83,8 @@ def run_metadata(job: RenderJob, scheduler_config: dict[str, Any] | None = None)
         "guidance": str(s.guidance),
         "negative_prompt": s.negative_prompt,
         "dtype": job.render.dtype,
-        "clip_model": f"{job.clip.model}/{job.clip.pretrained}",
+        "clip_model": "",  # "" = no CLIP columns; else the model behind clip_* (and clip2_model: clip2_*)
+        **{f"{prefix}_model": f"{m}/{p}" for prefix, m, p in job.clip.models(job.model.id)},
         "image_format": job.output.image_format,
         "job_fingerprint": job.fingerprint(),
     }
@@ -183,14 +183,24 @@ def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
 class ShardStore:
     """Writes committed shards of one job into one run folder."""
 
-    def __init__(self, uri: str, job: RenderJob, overwrite: bool = False, metadata: dict[str, str] | None = None):
+    def __init__(self, uri: str, job: RenderJob, overwrite: bool = False, metadata: dict[str, str] | None = None,
+                 create: bool = True):
         self.uri = uri
         self.job = job
         self.fs, self.root = _fs(uri)
         self.frames = f"{self.root}/{FRAMES_DIR}"
         self.commits = f"{self.root}/{COMMITS_DIR}"
         self.metadata = metadata or run_metadata(job)
-        self._open(overwrite)
+        if create:
+            self._open(overwrite)
+        elif self.fs.get_file_info(f"{self.root}/run.json").type != pafs.FileType.File:
+            raise StoreError(f"output {uri!r} is not visible from {platform.node()} (no run.json): put --out on "
+                             "storage every node reaches (a shared mount at the same path, or s3://, gs://)")
+
+    @classmethod
+    def attach(cls, uri: str, job: RenderJob, metadata: dict[str, str] | None = None) -> "ShardStore":
+        """A worker's view of a run folder the driver already opened: checks it is visible, writes nothing."""
+        return cls(uri, job, metadata=metadata, create=False)
 
     # -- 1. open: validate the folder before any work -------------------------------------------
 
@@ -212,9 +222,14 @@ class ShardStore:
             return f.read()
 
     def _write_atomic(self, path: str, data: bytes) -> None:
-        """Write to a hidden temporary name beside `path`, then rename into place."""
+        """Write to a hidden temporary name beside `path`, then rename into place.
+
+        The temporary name is fixed per target (`.shard-00003.parquet.tmp`): a retried shard
+        overwrites only its own leftover, and a killed attempt leaves at most one hidden file that
+        readers (pyarrow.dataset, DuckDB/Polars globs on *.parquet) skip.
+        """
         head, _, tail = path.rpartition("/")
-        tmp = f"{head}/.{tail}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = f"{head}/.{tail}.tmp"
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)
         self.fs.move(tmp, path)

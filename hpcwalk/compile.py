@@ -1,0 +1,209 @@
+"""Every speed option in one place: `CompileConfig` (the job's `[compile]` table) and `prepare`.
+
+`prepare(config, components)` checks that each choice can run on the components' device (an
+unusable choice is a `CompileError` with one line naming the option and the fix, never a silent
+fallback), applies the in-place options to the modules, and returns the `SpeedModules` the
+renderer calls: the UNet, the VAE decode and the decode post-processing.
+
+Options and their numerical risk (frames are checked against the eager float32 path in tests):
+
+| option | what it does | risk |
+|---|---|---|
+| `[render] dtype` | float16 / bfloat16 weights and activations (CUDA; fp16 is refused on the CPU) | fp16 VAE can overflow to inf/NaN: the renderer's NaN guard re-decodes such frames in float32 and records it; bf16 loses ~3 significant digits, frames drift by a few uint8 levels |
+| `mode` | torch.compile of the UNet (and VAE decode, see `scope`): `none`, `default`, `max-autotune`, `reduce-overhead` (CUDA graphs) | inductor reorders and fuses float ops: last-bit differences, frames within 1 uint8 level in fp32; `max-autotune` adds minutes of compile time; `reduce-overhead` replays CUDA graphs whose outputs are overwritten by the next replay (the renderer consumes or clones them first) and needs CUDA |
+| `scope` | `unet` or `unet+vae`: which modules `mode` compiles | none beyond `mode`'s; compiling the VAE costs more compile time than it saves on short runs on the CPU |
+| `attention` | `sdpa` (torch's fused attention, default), `xformers` (needs xformers and CUDA), `cudnn` (cuDNN attention via SDPA, Hopper) | different reduction orders: last-bit differences; cuDNN attention may be refused for some head sizes, which is checked at prepare time |
+| `channels_last` | NHWC memory format for UNet and VAE convolutions | none numerically beyond different conv algorithms (last bits); slower on the CPU for small models |
+| `fuse_qkv` | one matmul for Q, K, V (self-attention) and K, V (cross-attention) | last-bit differences; not combinable with `xformers` |
+| `step` | `scheduler` (diffusers' `scheduler.step`) or `fused` (guidance + DPM-Solver++(2M) in one kernel, `hpcwalk.kernels.guided_dpm`) | fused keeps the sample in float32 and folds coefficients: frames within 1 uint8 level of the scheduler path; `dpmsolver++` only |
+| `postprocess` | `torch` or `fused` (`hpcwalk.kernels.decode_postprocess`: clamp, scale, round, NHWC uint8 in one pass) | none: bit-equal to the torch post-processing |
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+COMPILE_MODES = ("none", "default", "max-autotune", "reduce-overhead")
+COMPILE_SCOPES = ("unet", "unet+vae")
+ATTENTION_BACKENDS = ("sdpa", "xformers", "cudnn")
+STEP_PATHS = ("scheduler", "fused")
+POSTPROCESS_PATHS = ("torch", "fused")
+
+
+class CompileError(ValueError):
+    """A speed option is invalid or cannot run here; the message names the option and the fix."""
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """The speed options of a render; the defaults are the plain eager path."""
+
+    mode: str = "none"  # none | default | max-autotune | reduce-overhead
+    scope: str = "unet+vae"  # unet | unet+vae: what `mode` compiles
+    attention: str = "sdpa"  # sdpa | xformers | cudnn
+    channels_last: bool = False
+    fuse_qkv: bool = False
+    step: str = "scheduler"  # scheduler | fused
+    postprocess: str = "torch"  # torch | fused
+
+    def problems(self, scheduler: str | None = None) -> list[str]:
+        """Value problems (no environment checks), each one line naming `[compile] <option>`."""
+        out = []
+        for name, choices in (("mode", COMPILE_MODES), ("scope", COMPILE_SCOPES), ("attention", ATTENTION_BACKENDS),
+                              ("step", STEP_PATHS), ("postprocess", POSTPROCESS_PATHS)):
+            value = getattr(self, name)
+            if value not in choices:
+                close = difflib.get_close_matches(str(value), choices, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                out.append(f"[compile] {name}: unknown value {value!r}{hint}; choose one of {', '.join(choices)}")
+        if self.fuse_qkv and self.attention == "xformers":
+            out.append("[compile] fuse_qkv = true needs attention 'sdpa' or 'cudnn' (diffusers' fused QKV "
+                       "processor is SDPA-based): set fuse_qkv = false or attention = 'sdpa'")
+        if self.step == "fused" and scheduler is not None and scheduler != "dpmsolver++":
+            out.append(f"[compile] step = 'fused' implements DPM-Solver++ only, but [sampling] scheduler is "
+                       f"{scheduler!r}: set scheduler = 'dpmsolver++' or step = 'scheduler'")
+        return out
+
+    def check(self, device: torch.device | str, scheduler: str | None = None) -> None:
+        """Raise CompileError for a bad value or a choice that cannot run on `device`."""
+        bad = self.problems(scheduler)
+        if bad:
+            raise CompileError(bad[0])
+        dev = torch.device(device)
+        if self.mode == "reduce-overhead" and dev.type != "cuda":
+            raise CompileError(f"[compile] mode 'reduce-overhead' replays CUDA graphs and needs a CUDA device, "
+                               f"not {dev}: use mode 'default' on the CPU")
+        if self.attention == "xformers":
+            check_xformers(dev)
+        if self.attention == "cudnn":
+            check_cudnn_attention(dev)
+
+    def replace(self, **changes: Any) -> "CompileConfig":
+        """A copy with some options changed (None values are ignored)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment checks: can the chosen attention backend run here?
+# ---------------------------------------------------------------------------------------------
+
+
+def check_xformers(device: torch.device) -> None:
+    """xformers must import and run its attention kernel on `device` (CUDA)."""
+    try:
+        import xformers.ops as xops
+    except Exception as e:  # ImportError, or a binary built for another torch
+        raise CompileError(f"[compile] attention 'xformers' is not usable: xformers does not import ({_first_line(e)}); "
+                           "pip install 'hpcwalk[xformers]' built for this torch, or use attention = 'sdpa'") from None
+    if device.type != "cuda":
+        raise CompileError(f"[compile] attention 'xformers' needs a CUDA device (its kernels are CUDA-only), "
+                           f"not {device}: use attention = 'sdpa'")
+    try:
+        q = torch.randn(1, 16, 8, 40, device=device, dtype=torch.float16)
+        xops.memory_efficient_attention(q, q, q)
+        torch.cuda.synchronize(device)
+    except Exception as e:
+        raise CompileError(f"[compile] attention 'xformers' imports but its kernel fails on {device} "
+                           f"({_first_line(e)}): install an xformers build matching torch {torch.__version__}, "
+                           "or use attention = 'sdpa'") from None
+
+
+def check_cudnn_attention(device: torch.device) -> None:
+    """cuDNN attention must run on `device` at SD's head size (40) in fp16."""
+    if device.type != "cuda":
+        raise CompileError(f"[compile] attention 'cudnn' needs a CUDA device (cuDNN attention), not {device}: "
+                           "use attention = 'sdpa'")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        q = torch.randn(2, 8, 64, 40, device=device, dtype=torch.float16)
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        torch.cuda.synchronize(device)
+    except Exception as e:
+        raise CompileError(f"[compile] attention 'cudnn' does not run on {torch.cuda.get_device_name(device)} "
+                           f"({_first_line(e)}): use attention = 'sdpa'") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Applying the options
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SpeedModules:
+    """What the renderer calls, prepared once per worker by `prepare`."""
+
+    config: CompileConfig
+    unet: Callable[..., Any]  # unet(x, t, encoder_hidden_states=..., return_dict=False)
+    vae_decode: Callable[[torch.Tensor], torch.Tensor]  # scaled latents -> image (N, 3, H, W) in [-1, 1]
+    postprocess: Callable[[torch.Tensor], torch.Tensor]  # image -> uint8 (N, H, W, 3)
+    cuda_graphs: bool = False
+
+    def mark_step(self) -> None:
+        """Before each compiled call under CUDA graphs: earlier outputs may now be overwritten."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
+
+def prepare(config: CompileConfig, components: Any, scheduler: str | None = None) -> SpeedModules:
+    """Check the config, apply in-place options to the modules, wrap them for torch.compile.
+
+    In place (on `components`): attention processors, fused QKV, channels_last. torch.compile
+    wraps without changing the modules; compilation itself happens on the first call.
+    """
+    from hpcwalk.kernels.decode_postprocess import decode_postprocess, reference
+
+    # 1. validate against the device
+    config.check(components.device, scheduler)
+    unet, vae = components.unet, components.vae
+    # 2. attention (diffusers' default processors already call torch SDPA; cudnn restricts SDPA's backend)
+    if config.attention == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+        vae.enable_xformers_memory_efficient_attention()
+    # 3. fused QKV projections, memory format
+    if config.fuse_qkv:
+        unet.fuse_qkv_projections()
+        vae.fuse_qkv_projections()
+    if config.channels_last:
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+    # 4. torch.compile (lazy: compiled on the first call; fixed shapes, so no dynamic graphs)
+    attention = _attention_context(config.attention)
+
+    def vae_decode(z: torch.Tensor) -> torch.Tensor:
+        with attention():
+            return vae.decode(z, return_dict=False)[0]
+
+    def unet_call(*args: Any, **kwargs: Any) -> Any:
+        with attention():
+            return unet(*args, **kwargs)
+
+    unet_fn: Callable[..., Any] = unet if config.attention != "cudnn" else unet_call
+    decode_fn: Callable[[torch.Tensor], torch.Tensor] = vae_decode
+    if config.mode != "none":
+        unet_fn = torch.compile(unet_fn, mode=config.mode, dynamic=False)
+        if config.scope == "unet+vae":
+            decode_fn = torch.compile(vae_decode, mode=config.mode, dynamic=False)
+    post = decode_postprocess if config.postprocess == "fused" else reference
+    return SpeedModules(config, unet_fn, decode_fn, post, cuda_graphs=config.mode == "reduce-overhead")
+
+
+def _attention_context(attention: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the SDPA backend restriction the attention choice needs inside module calls."""
+    if attention != "cudnn":
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
