@@ -1,0 +1,142 @@
+"""Re-score the frames of an existing run with another CLIP model, without re-rendering.
+
+The images are read back from the run's committed Parquet shards (PNG/WebP/JPEG bytes), decoded,
+and embedded with the same device preprocessing the renderer uses. The new columns go to a sibling
+dataset keyed by frame id, one file per frames shard, committed like the frames:
+
+    RUN/scores/<model>__<pretrained>/score.json                 model, run fingerprint
+    RUN/scores/<model>__<pretrained>/data/shard-00000.parquet   frame_id, clip_image, clip_score, clip_score_b
+    RUN/scores/<model>__<pretrained>/commits/shard-00000.done.json
+
+Join on frame_id (DuckDB: `... FROM 'RUN/frames/*.parquet' JOIN 'RUN/scores/X/data/*.parquet' USING (frame_id)`).
+A rerun scores only shards without a commit marker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from hpcwalk.clip import ClipScorer, load_clip, to_arrow
+from hpcwalk.store import StoreError, _fs, committed_files, read_run
+
+SCORES_DIR = "scores"
+
+
+@dataclass
+class ScoreSummary:
+    """The outcome of one `score_run` call."""
+
+    out: str
+    model: str
+    shards_scored: int = 0
+    already_committed: int = 0
+    frames: int = 0
+    seconds: float = 0.0
+    files: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        fps = self.frames / self.seconds if self.seconds else 0.0
+        return (f"done: {self.frames} frames in {self.shards_scored} shards scored with {self.model}, "
+                f"{self.already_committed} shards already scored; {self.seconds:.1f} s ({fps:.1f} frames/s)\n"
+                f"scores: {self.out}")
+
+
+def score_dir(run: str, model: str, pretrained: str) -> str:
+    """Where a run's scores for one CLIP model live (a name safe on every filesystem)."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model}__{pretrained}").strip("_")
+    return f"{run.rstrip('/')}/{SCORES_DIR}/{slug}"
+
+
+def preflight_score(run: str, model: str, pretrained: str, overwrite: bool = False) -> str:
+    """Check the run and the score folder before any work; returns the score folder."""
+    info = read_run(run)  # StoreError when RUN is not a run folder
+    if not committed_files(run):
+        raise StoreError(f"{run!r} has no committed shards: render into it first")
+    out = score_dir(run, model, pretrained)
+    fs, root = _fs(out)
+    if fs.get_file_info(f"{root}/score.json").type == pafs.FileType.File and not overwrite:
+        with fs.open_input_stream(f"{root}/score.json") as f:
+            prev = json.loads(f.read()).get("run_fingerprint")
+        if prev != info.get("job_fingerprint"):
+            raise StoreError(f"{out!r} holds scores of another run (fingerprint {prev}): pass --overwrite to "
+                             "re-score every shard")
+    return out
+
+
+def score_run(run: str, model: str, pretrained: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+              batch_size: int = 32, overwrite: bool = False, progress: Callable[[int], None] | None = None
+              ) -> ScoreSummary:
+    """Embed and score every committed frame of `run` with one CLIP model into the sibling dataset."""
+    # 1. validate the run and the output, then load the model (ClipLoadError names the fix)
+    out = preflight_score(run, model, pretrained, overwrite)
+    scorer = load_clip(model, pretrained, device, dtype)
+    fs, root = _fs(out)
+    run_fs, _ = _fs(run)
+    if overwrite and fs.get_file_info(root).type == pafs.FileType.Directory:
+        fs.delete_dir_contents(root)
+    for sub in ("data", "commits"):
+        fs.create_dir(f"{root}/{sub}", recursive=True)
+    fingerprint = read_run(run).get("job_fingerprint")
+    _write_atomic(fs, f"{root}/score.json", json.dumps(
+        {"clip_model": scorer.name, "run": run, "run_fingerprint": fingerprint}, indent=2).encode())
+    # 2. score the frames shards without a score commit
+    done = {i.base_name[: -len(".done.json")] for i in fs.get_file_info(
+        pafs.FileSelector(f"{root}/commits", allow_not_found=True)) if i.base_name.endswith(".done.json")}
+    summary = ScoreSummary(out, scorer.name)
+    t0 = time.perf_counter()
+    for path in committed_files(run):
+        name = path.rpartition("/")[2][: -len(".parquet")]
+        if name in done:
+            summary.already_committed += 1
+            continue
+        frames = pq.read_table(path, columns=["frame_id", "prompt", "prompt_b", "image"], filesystem=run_fs)
+        table = score_table(scorer, frames, batch_size, progress)
+        table = table.replace_schema_metadata({"clip_model": scorer.name, "run_fingerprint": str(fingerprint)})
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        _write_atomic(fs, f"{root}/data/{name}.parquet", buf.getvalue())
+        _write_atomic(fs, f"{root}/commits/{name}.done.json", json.dumps(
+            {"rows": table.num_rows, "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}).encode())
+        summary.shards_scored += 1
+        summary.frames += table.num_rows
+        summary.files.append(f"{root}/data/{name}.parquet")
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def score_table(scorer: ClipScorer, frames: pa.Table, batch_size: int = 32,
+                progress: Callable[[int], None] | None = None) -> pa.Table:
+    """frame_id + the scorer's columns for a table with frame_id, prompt, prompt_b and image bytes."""
+    from PIL import Image
+
+    prompts = frames["prompt"].to_pylist()
+    prompts_b = frames["prompt_b"].to_pylist()
+    images = frames["image"]
+    parts = []
+    for i in range(0, frames.num_rows, batch_size):
+        j = min(i + batch_size, frames.num_rows)
+        pix = np.stack([np.asarray(Image.open(io.BytesIO(b.as_py())).convert("RGB")) for b in images[i:j]])
+        parts.append(scorer.score_prompts(torch.from_numpy(pix), prompts[i:j], prompts_b[i:j]))
+        if progress:
+            progress(j - i)
+    return pa.table({"frame_id": frames["frame_id"], **to_arrow(parts)})
+
+
+def _write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    head, _, tail = path.rpartition("/")
+    tmp = f"{head}/.{tail}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)

@@ -1,0 +1,330 @@
+"""InterpScore studies: N seed pairs x methods x n frames, rendered and CLIP-scored in one pass,
+then summarised with bootstrap confidence intervals over seed pairs.
+
+A study file is a job file whose [[walk]] tables are replaced by one [study] table:
+
+    [study]
+    prompts = ["A high resolution image of a cat"]   # or prompt = "..."
+    pairs = 1000          # seed pair i interpolates seed (first_seed + i), draw 0 -> draw 1
+    first_seed = 1        # (the study's own pair is seed 1, draws 0 and 1)
+    methods = ["linear", "normalized", "slerp"]
+    frames = 300          # n, both ends included
+    bootstrap = 10000     # resamples for the 95% intervals
+    confidence = 0.95
+
+The output folder is a normal run folder (frames/, commits/, run.json: `hpcwalk score` and the
+readers work on it) plus study.parquet (one row per walk), study.json (the summary), report.html
+and figures/*.png. A rerun renders only uncommitted shards, then re-analyses everything.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import tomllib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from hpcwalk import metrics
+from hpcwalk.interp import METHODS
+from hpcwalk.job import JobError, RenderJob, parse_job, plan
+
+STUDY_KEYS = {"prompt", "prompts", "pairs", "first_seed", "methods", "frames", "bootstrap", "confidence"}
+SMOOTHNESS = ("path_length", "max_step", "mean_step", "step_std", "step_cv")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The study file
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    prompts: tuple[str, ...]
+    pairs: int
+    first_seed: int = 1
+    methods: tuple[str, ...] = METHODS
+    frames: int = 300
+    bootstrap: int = metrics.N_BOOT
+    confidence: float = metrics.CONFIDENCE
+
+    def walk_name(self, pair: int, prompt: int) -> str:
+        return f"pair{pair:05d}" if len(self.prompts) == 1 else f"pair{pair:05d}-prompt{prompt:02d}"
+
+    def units(self) -> list[tuple[str, int, int]]:
+        """(walk name, pair, prompt index) for every walk of the study, in render order."""
+        return [(self.walk_name(i, k), i, k) for i in range(self.pairs) for k in range(len(self.prompts))]
+
+
+@dataclass(frozen=True)
+class Study:
+    spec: StudySpec
+    job: RenderJob
+
+
+def load_study(path: str | Path) -> Study:
+    """Read a study TOML: [study] plus the job tables ([model], [sampling], [render], [clip], [output])."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"study file {str(path)!r} not found: pass the path of a study TOML (see examples/study.toml)")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise JobError(f"{path}: malformed TOML: {e}") from None
+    return parse_study(data, source=str(path))
+
+
+def parse_study(data: dict[str, Any], source: str = "<dict>") -> Study:
+    """Validate a study dict and build the RenderJob that renders it (one latent walk per pair x prompt)."""
+    if "walk" in data:
+        raise JobError("a study file has no [[walk]] tables: the [study] table generates the walks")
+    raw = data.get("study")
+    if not isinstance(raw, dict):
+        raise JobError("the study file has no [study] table: add one (see examples/study.toml)")
+    spec = _parse_spec(raw)
+    clip = data.get("clip", {})
+    if isinstance(clip, dict) and clip.get("enabled", True) is False:
+        raise JobError("[clip] enabled = false: a study needs CLIP scores; remove the line")
+    walks = [{"name": name, "kind": "latent", "prompt": spec.prompts[k],
+              "seeds": [f"{spec.first_seed + i}:0", f"{spec.first_seed + i}:1"],
+              "methods": list(spec.methods), "frames": spec.frames} for name, i, k in spec.units()]
+    job = parse_job({**{k: v for k, v in data.items() if k != "study"}, "walk": walks}, source=source)
+    return Study(spec, job)
+
+
+def _parse_spec(raw: dict[str, Any]) -> StudySpec:
+    for key in raw:
+        if key not in STUDY_KEYS:
+            close = difflib.get_close_matches(key, sorted(STUDY_KEYS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (allowed: {', '.join(sorted(STUDY_KEYS))})"
+            raise JobError(f"unknown key {key!r} in [study]{hint}")
+    if ("prompt" in raw) == ("prompts" in raw):
+        raise JobError("[study]: give prompt = \"...\" or prompts = [...], exactly one of them")
+    prompts = [raw["prompt"]] if "prompt" in raw else raw["prompts"]
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise JobError("[study] prompts must be a non-empty list of non-empty strings")
+    methods = raw.get("methods", list(METHODS))
+    if not isinstance(methods, list) or not methods or len(set(methods)) != len(methods):
+        raise JobError(f"[study] methods must be a non-empty list of distinct names from {', '.join(METHODS)}")
+    for m in methods:
+        if m not in METHODS:
+            raise JobError(f"[study] methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
+    ints = {"pairs": (1, None), "first_seed": (0, 1), "frames": (2, 300), "bootstrap": (100, metrics.N_BOOT)}
+    vals: dict[str, Any] = {}
+    for key, (low, default) in ints.items():
+        v = raw.get(key, default)
+        if v is None:
+            raise JobError(f"[study] {key} is missing: set the number of seed pairs, e.g. pairs = 100")
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise JobError(f"[study] {key} must be an int >= {low}, got {v!r}")
+        vals[key] = v
+    conf = raw.get("confidence", metrics.CONFIDENCE)
+    if not isinstance(conf, float) or not 0.5 <= conf < 1:
+        raise JobError(f"[study] confidence must be a float in [0.5, 1), got {conf!r}")
+    return StudySpec(tuple(prompts), methods=tuple(methods), confidence=conf, **vals)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Analysis: frames -> one row per walk -> intervals over seed pairs
+# ---------------------------------------------------------------------------------------------
+
+
+def clip_prefixes(table: pa.Table) -> list[str]:
+    """CLIP column prefixes present in a frames table (clip, clip2), primary first."""
+    return sorted({n[: -len("_score")] for n in table.column_names if n.endswith("_score") and n.startswith("clip")},
+                  key=lambda p: (p != "clip", p))
+
+
+def walk_table(study: Study, frames: pa.Table) -> pa.Table:
+    """study.parquet: one row per (seed pair, prompt, method) with InterpScore, smoothness, latent norm."""
+    spec = study.spec
+    prefixes = clip_prefixes(frames)
+    if not prefixes:
+        raise JobError("the run has no CLIP columns (clip_score): render the study with [clip] enabled")
+    frames = _sorted(frames)
+    walk, method = frames["walk"].to_numpy(zero_copy_only=False), frames["method"].to_numpy(zero_copy_only=False)
+    norm = frames["latent_norm"].to_numpy()
+    scores = {p: frames[f"{p}_score"].to_numpy() for p in prefixes}
+    embs = {p: _embeddings(frames[f"{p}_image"]) for p in prefixes}
+    starts = {(w, m): i for i, (w, m) in enumerate(zip(walk, method)) if i == 0 or (walk[i - 1], method[i - 1]) != (w, m)}
+    rows: list[dict[str, Any]] = []
+    for name, pair, k in spec.units():
+        for m in spec.methods:
+            if (name, m) not in starts:
+                raise JobError(f"walk {name}/{m} has no committed frames: rerun the study to finish rendering")
+            sl = slice(starts[(name, m)], starts[(name, m)] + spec.frames)
+            if len(walk[sl]) != spec.frames or (walk[sl] != name).any() or (method[sl] != m).any():
+                raise JobError(f"walk {name}/{m} is incomplete: rerun the study to finish rendering")
+            seed = spec.first_seed + pair
+            row = {"walk": name, "pair": pair, "prompt_index": k, "prompt": spec.prompts[k], "method": m,
+                   "seed_a": f"{seed}:0", "seed_b": f"{seed}:1", "frames": spec.frames,
+                   "latent_norm_min": float(norm[sl].min()), "latent_norm_mean": float(norm[sl].mean())}
+            for p in prefixes:
+                tag = "" if p == "clip" else f"_{p}"
+                row[f"interp_score{tag}"] = float(scores[p][sl].mean())  # InterpScore(f, text, n)
+                row.update({f"{key}{tag}": v for key, v in metrics.smoothness(embs[p][sl]).as_dict().items()})
+            rows.append(row)
+    return pa.Table.from_pylist(rows)
+
+
+def _embeddings(col: pa.ChunkedArray) -> np.ndarray:
+    """fixed_size_list<float16|float32>[D] column -> (N, D) in its stored dtype (metrics cast per walk,
+    so a large study holds the column once, not a float64 copy)."""
+    arr = col.combine_chunks()
+    return arr.values.to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
+
+
+def _per_pair(walks: pa.Table, spec: StudySpec, column: str) -> dict[str, np.ndarray]:
+    """method -> (pairs,) values of a walk column, averaged over prompts (the bootstrap unit is the pair)."""
+    out = {}
+    for m in spec.methods:
+        sub = walks.filter(pc.equal(walks["method"], m))
+        vals = np.zeros(spec.pairs)
+        np.add.at(vals, sub["pair"].to_numpy(), sub[column].to_numpy())
+        out[m] = vals / len(spec.prompts)
+    return out
+
+
+def _curves(frames: pa.Table, spec: StudySpec, column: str, steps: bool = False) -> dict[str, np.ndarray]:
+    """method -> (pairs, n) values along gamma (or (pairs, n - 1) step distances), averaged over prompts;
+    `frames` sorted by `_sorted` and complete (checked by `walk_table`)."""
+    pair_of = {name: pair for name, pair, _ in spec.units()}
+    out = {}
+    for m in spec.methods:
+        sub = frames.filter(pc.equal(frames["method"], m))
+        walks = sub["walk"].to_numpy(zero_copy_only=False).reshape(-1, spec.frames)[:, 0]
+        vals = _embeddings(sub[column]) if steps else sub[column].to_numpy()
+        vals = vals.reshape(len(walks), spec.frames, -1)
+        y = np.stack([metrics.step_distances(v) for v in vals]) if steps else vals[..., 0]
+        acc = np.zeros((spec.pairs, y.shape[1]))
+        np.add.at(acc, [pair_of[w] for w in walks], y)
+        out[m] = acc / len(spec.prompts)
+    return out
+
+
+def summarize(study: Study, frames: pa.Table, walks: pa.Table, clip_models: dict[str, str]) -> dict[str, Any]:
+    """study.json: per-method intervals, paired differences, curves with bands, over seed pairs."""
+    spec = study.spec
+    boot = dict(n_boot=spec.bootstrap, confidence=spec.confidence)
+    gamma = np.linspace(0.0, 1.0, spec.frames)
+    frames = _sorted(frames)
+    prefixes = clip_prefixes(frames)
+
+    def intervals(column: str) -> dict[str, dict[str, float]]:  # method -> CI of the per-pair means
+        return {m: metrics.bootstrap_ci(v, **boot).as_dict() for m, v in _per_pair(walks, spec, column).items()}
+
+    out: dict[str, Any] = {
+        "study": asdict(spec), "job_fingerprint": study.job.fingerprint(), "model": study.job.model.id,
+        "steps": study.job.sampling.steps, "size": [study.job.sampling.height, study.job.sampling.width],
+        "clip_models": {p: clip_models.get(f"{p}_model", "") for p in prefixes},
+        "unit": "seed pair (values averaged over prompts first)", "n_units": spec.pairs,
+        "interp_score": {}, "paired_differences": {}, "score_curves": {}, "smoothness": {}, "step_curves": {},
+        "per_prompt": {},
+    }
+    for p in prefixes:
+        tag = "" if p == "clip" else f"_{p}"
+        per = _per_pair(walks, spec, f"interp_score{tag}")
+        out["interp_score"][p] = intervals(f"interp_score{tag}")
+        out["paired_differences"][p] = {
+            f"{a} - {b}": metrics.paired_difference(per[a], per[b], **boot).as_dict()
+            for i, a in enumerate(spec.methods) for b in spec.methods[i + 1:]}
+        out["score_curves"][p] = _curve_dict(_curves(frames, spec, f"{p}_score"), gamma, boot)
+        by_key = {key: intervals(f"{key}{tag}") for key in SMOOTHNESS}
+        out["smoothness"][p] = {m: {key: by_key[key][m] for key in SMOOTHNESS} for m in spec.methods}
+        out["step_curves"][p] = _curve_dict(
+            _curves(frames, spec, f"{p}_image", steps=True), (gamma[1:] + gamma[:-1]) / 2, boot)
+        if len(spec.prompts) > 1:  # each prompt on its own, over the seed pairs
+            out["per_prompt"][p] = {prompt: {m: metrics.bootstrap_ci(_select(walks, k, m)[f"interp_score{tag}"].to_numpy(),
+                                                                     **boot).as_dict() for m in spec.methods}
+                                    for k, prompt in enumerate(spec.prompts)}
+    norms = {key: intervals(f"latent_norm_{key}") for key in ("min", "mean")}
+    out["latent_norm"] = {m: {key: norms[key][m] for key in norms} for m in spec.methods}
+    out["latent_norm_curves"] = _curve_dict(_curves(frames, spec, "latent_norm"), gamma, boot)
+    out["latent_norm_linear_theory"] = {"gamma": gamma.tolist(), "ratio": metrics.linear_norm_ratio(gamma).tolist()}
+    return out
+
+
+def _select(walks: pa.Table, prompt_index: int, method: str) -> pa.Table:
+    return walks.filter(pc.and_(pc.equal(walks["prompt_index"], prompt_index), pc.equal(walks["method"], method)))
+
+
+def _sorted(frames: pa.Table) -> pa.Table:
+    """Frames in walk, method, index order: every (walk, method) is a contiguous run along gamma."""
+    return frames.sort_by([("walk", "ascending"), ("method", "ascending"), ("index", "ascending")])
+
+
+def _curve_dict(curves: dict[str, np.ndarray], x: np.ndarray, boot: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for m, y in curves.items():
+        mean, lo, hi = metrics.bootstrap_curve(y, **boot)
+        out[m] = {"x": x.tolist(), "mean": mean.tolist(), "low": lo.tolist(), "high": hi.tolist()}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The entry point: render what is missing, analyse, write the three outputs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StudyResult:
+    """What `run_study` did. `status` is done, or failed with the render summary's failed shards."""
+
+    status: str
+    render: Any  # executors.RunSummary
+    files: list[str]
+
+
+def run_study(study: Study, out: str, overwrite: bool = False, progress: bool = True, executor: Any = None
+              ) -> StudyResult:
+    """Render the study's frames through the executors (resuming; `executor`: executors.ExecutorOptions,
+    None renders in this process), then write the analysis."""
+    from hpcwalk.executors import run_render
+    from hpcwalk.job import shard
+    from hpcwalk.report import write_report
+    from hpcwalk.store import read_frames
+
+    # 1. render and score what is not committed yet (same path as `hpcwalk render`)
+    shards = shard(plan(study.job), study.job.output.shard_size)
+    summary = run_render(study.job, out, shards, overwrite=overwrite, progress=progress, executor=executor)
+    if summary.failed:
+        return StudyResult("failed", summary, [])
+    # 2. read the committed frames (no image bytes) and reduce to one row per walk
+    cols = [n for n in _frame_columns(out) if n != "image"]
+    frames = read_frames(out, columns=cols)
+    meta = {k.decode(): v.decode() for k, v in (frames.schema.metadata or {}).items()}
+    walks = walk_table(study, frames)
+    # 3. the summary, the table, the report
+    summary_json = summarize(study, frames, walks, meta)
+    files = write_outputs(out, walks, summary_json)
+    files += write_report(out, summary_json, walks)
+    return StudyResult("done", summary, files)
+
+
+def _frame_columns(out: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    from hpcwalk.store import committed_files
+
+    return pq.read_schema(committed_files(out)[0]).names
+
+
+def write_outputs(out: str, walks: pa.Table, summary: dict[str, Any]) -> list[str]:
+    """study.parquet and study.json, each written to a temporary name and renamed."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    root = Path(out)
+    tmp = root / ".study.parquet.tmp"
+    pq.write_table(walks, tmp)
+    os.replace(tmp, root / "study.parquet")
+    tmp = root / ".study.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, root / "study.json")
+    return [str(root / "study.parquet"), str(root / "study.json")]
