@@ -1,0 +1,205 @@
+"""Executors without Ray: option checks, pool sizing, the --ray flag, failed shards, the summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pyarrow.dataset as ds
+import pytest
+from typer.testing import CliRunner
+
+from hpcwalk.cli import app, expand_ray_flag
+from hpcwalk.engine import Renderer
+from hpcwalk.executors import (
+    ExecutorError,
+    ExecutorOptions,
+    LocalExecutor,
+    check_ray_address,
+    render_shard,
+    run_render,
+)
+from hpcwalk.job import FrameRow, RenderJob, load_job, plan, shard
+from hpcwalk.ray_executor import WorkerPlan, plan_workers, worker_job
+from hpcwalk.store import ShardStore, committed_shards, read_frames
+
+JOB = """
+[model]
+id = "tiny"
+[sampling]
+steps = 3
+height = 64
+width = 64
+[render]
+batch_size = 2
+device = "cpu"
+[output]
+shard_size = 2
+[[walk]]
+name = "w"
+kind = "latent"
+prompt = "a cat"
+seeds = [1, 2]
+methods = ["slerp"]
+frames = 6
+"""
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> RenderJob:
+    p = tmp_path_factory.mktemp("job") / "job.toml"
+    p.write_text(JOB)
+    return load_job(p)
+
+
+@pytest.fixture(scope="module")
+def renderer(job) -> Renderer:
+    return Renderer.from_job(job)
+
+
+class RaisingRenderer:
+    """The real renderer, except that rows of `bad` frame ids raise (a deterministic failure, like a NaN guard)."""
+
+    def __init__(self, inner: Renderer, bad: set[str]):
+        self.inner, self.bad, self.c, self.device = inner, bad, inner.c, inner.device
+
+    def render(self, rows: list[FrameRow], on_batch=None):
+        if {r.frame_id for r in rows} & self.bad:
+            raise FloatingPointError("NaN in the denoised latents")
+        return self.inner.render(rows, on_batch)
+
+
+# -- options -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opts, msg", [
+    (ExecutorOptions(ray="default", workers=0), "--workers must be >= 1, got 0"),
+    (ExecutorOptions(workers=2), "--workers and --gpus-per-worker need --ray"),
+    (ExecutorOptions(gpus_per_worker=1), "need --ray"),
+    (ExecutorOptions(ray="auto", gpus_per_worker=0), "--gpus-per-worker must be"),
+    (ExecutorOptions(ray="auto", gpus_per_worker=1.5), "--gpus-per-worker must be"),
+    (ExecutorOptions(ray="auto", max_retries=-1), "--retries must be >= 0"),
+    (ExecutorOptions(ray="head"), "is not a Ray address"),
+    (ExecutorOptions(ray="head:99999"), "is not a Ray address"),
+    (ExecutorOptions(ray="http://head:6379"), "is not a Ray address"),
+])
+def test_bad_options_name_the_flag(opts, msg):
+    with pytest.raises(ExecutorError, match=msg.replace("(", r"\(")):
+        opts.check()
+
+
+@pytest.mark.parametrize("addr", ["default", "local", "auto", "10.0.0.5:6379", "head-0.cluster:6379", "ray://head:10001"])
+def test_good_addresses(addr):
+    assert check_ray_address(addr) == addr
+
+
+def test_bare_ray_flag_means_default():
+    assert expand_ray_flag(["render", "j.toml", "--ray"]) == ["render", "j.toml", "--ray", "default"]
+    assert expand_ray_flag(["render", "j.toml", "--ray", "--workers", "2"]) == [
+        "render", "j.toml", "--ray", "default", "--workers", "2"]
+    assert expand_ray_flag(["render", "j.toml", "--ray", "auto"]) == ["render", "j.toml", "--ray", "auto"]
+
+
+# -- sizing the pool -------------------------------------------------------------------------------
+
+
+def test_plan_workers_gpu_cluster():
+    o = ExecutorOptions(ray="auto")
+    assert plan_workers(o, "auto", 4, [2]) == WorkerPlan(4, 1.0, None)  # one per GPU, whatever the CPUs
+    assert plan_workers(dataclasses.replace(o, gpus_per_worker=2), "cuda", 4, [2]) == WorkerPlan(2, 2.0, None)
+    assert plan_workers(dataclasses.replace(o, gpus_per_worker=0.5), "auto", 4, [2]) == WorkerPlan(8, 0.5, None)
+    assert plan_workers(dataclasses.replace(o, workers=3), "auto", 4, [2]) == WorkerPlan(3, 1.0, None)
+    with pytest.raises(ExecutorError, match="need 5 GPUs but the Ray cluster has 4"):
+        plan_workers(dataclasses.replace(o, workers=5), "auto", 4, [2])
+    with pytest.raises(ExecutorError, match="need 8 GPUs"):
+        plan_workers(dataclasses.replace(o, gpus_per_worker=8), "auto", 4, [2])
+    # --device cpu on a GPU cluster: CPU workers, one per node with all its cores
+    assert plan_workers(o, "cpu", 4, [16, 8]) == WorkerPlan(2, 0.0, 8.0)
+
+
+def test_plan_workers_cpu_cluster():
+    o = ExecutorOptions(ray="auto")
+    assert plan_workers(o, "auto", 0, [2]) == WorkerPlan(1, 0.0, 2.0)
+    assert plan_workers(dataclasses.replace(o, workers=2), "auto", 0, [2]) == WorkerPlan(2, 0.0, 1.0)
+    assert plan_workers(dataclasses.replace(o, workers=3), "cpu", 0, [8, 8]) == WorkerPlan(3, 0.0, 4.0)
+    with pytest.raises(ExecutorError, match="--workers 3 CPU workers need a CPU each but the Ray cluster has 2"):
+        plan_workers(dataclasses.replace(o, workers=3), "auto", 0, [2])
+    with pytest.raises(ExecutorError, match="no GPUs: pass --device cpu"):
+        plan_workers(o, "cuda:1", 0, [2])
+    with pytest.raises(ExecutorError, match="drop --gpus-per-worker"):
+        plan_workers(dataclasses.replace(o, gpus_per_worker=1), "auto", 0, [2])
+
+
+def test_gpu_worker_renders_on_its_own_device(job):
+    on = job.with_overrides(device="cuda:3")
+    assert worker_job(on, WorkerPlan(2, 1.0, None)).render.device == "cuda"
+    assert worker_job(on, WorkerPlan(2, 0.0, 1.0)).render.device == "cuda:3"
+    assert worker_job(on, WorkerPlan(2, 1.0, None)).fingerprint() == job.fingerprint()
+
+
+# -- the command line: bad flags exit 2 with one line and write nothing ---------------------------
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--ray", "--workers", "0"], "error: --workers must be >= 1, got 0"),
+    (["--workers", "2"], "error: --workers and --gpus-per-worker need --ray"),
+    (["--ray", "not an address"], "error: --ray 'not an address' is not a Ray address"),
+    (["--ray", "127.0.0.1:1"], "error: cannot reach the Ray head at 127.0.0.1:1"),
+    (["--ray", "--gpus-per-worker", "-1"], "error: --gpus-per-worker must be"),
+])
+def test_bad_flags_exit_2(job, tmp_path, flags, msg):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, expand_ray_flag(["render", job.source, "--out", str(out), *flags]))
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith(msg), r.stderr
+    assert not out.exists()
+
+
+def test_bare_ray_flag_through_the_console_script(job, tmp_path):
+    """`main()` expands a bare --ray; here the pool check refuses before Ray starts."""
+    r = subprocess.run([sys.executable, "-m", "hpcwalk.cli", "render", job.source, "--out", str(tmp_path / "o"),
+                        "--ray", "--workers", "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --workers must be >= 1, got 0", r.stderr
+
+
+# -- shards: committed once, failures reported, the summary ----------------------------------------
+
+
+def test_deterministic_failure_is_reported_once_and_committed_shards_stay(job, renderer, tmp_path):
+    shards = shard(plan(job), job.output.shard_size)
+    bad = {r.frame_id for r in shards[1].rows}
+    calls = []
+    summary = run_render(job, str(tmp_path / "run"), shards, progress=False,
+                         factory=lambda j: calls.append(j) or RaisingRenderer(renderer, bad))
+    assert len(calls) == 1  # one Renderer for the whole run
+    [failed] = summary.failed
+    assert (failed.shard, failed.attempts) == (1, 1)
+    assert failed.error == "FloatingPointError: NaN in the denoised latents"
+    assert committed_shards(str(tmp_path / "run")) == {0, 2}
+    text = summary.describe()
+    assert text.startswith("done: 4 frames in 2 shards rendered, 0 shards already committed, 1 failed")
+    assert "executor local: 1 workers, 0 retries" in text
+    assert "  worker local (this process, cpu): 2 shards, 4 frames, " in text and ", 1 failed" in text
+    # a rerun with the fault gone renders only the failed shard
+    again = run_render(job, str(tmp_path / "run"), shards, progress=False, factory=lambda j: renderer)
+    assert (again.already_committed, [r.shard for r in again.results]) == (2, [1])
+    assert sorted(read_frames(str(tmp_path / "run")).column("frame_id").to_pylist()) == sorted(
+        r.frame_id for r in plan(job))
+
+
+def test_retried_shard_overwrites_only_its_own_leftover(job, renderer, tmp_path):
+    """A killed attempt leaves `.shard-N.parquet.tmp`; readers skip it and the retry replaces it."""
+    shards = shard(plan(job), job.output.shard_size)
+    store = ShardStore(str(tmp_path / "run"), job)
+    leftover = tmp_path / "run" / "frames" / ".shard-00000.parquet.tmp"
+    leftover.write_bytes(b"half a parquet file")
+    assert ds.dataset(str(tmp_path / "run" / "frames"), format="parquet").files == []
+    r = render_shard(renderer, job, shards[0], store)
+    assert r.status == "committed"
+    assert sorted(p.name for p in (tmp_path / "run" / "frames").iterdir()) == ["shard-00000.parquet"]
+    assert not leftover.exists()
+    # the same shard rendered again (a retry after a lost worker) still yields each frame once
+    assert LocalExecutor(renderer).run(job, shards[:1], store)[0].status == "committed"
+    ids = read_frames(str(tmp_path / "run")).column("frame_id").to_pylist()
+    assert sorted(ids) == sorted(r.frame_id for r in shards[0].rows)
