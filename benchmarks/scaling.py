@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--one-thread-only", action="store_true",
                    help="skip the runs with all cores in one process (slow on a shared host)")
     p.add_argument("--out", default=str(common.RESULTS))
+    p.add_argument("--tag", default="", help="suffix of the result name: scaling-cpu-DATE[-TAG].json")
     return p.parse_args(argv)
 
 
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> Path:
     }
     result["load_average_after"] = common.load_average()
     shutil.rmtree(tmp, ignore_errors=True)
-    return common.write_result(result, a.out, f"scaling-cpu-{result['date']}")
+    return common.write_result(result, a.out, f"scaling-cpu-{result['date']}{'-' + a.tag if a.tag else ''}")
 
 
 if __name__ == "__main__":
