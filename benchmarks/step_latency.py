@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--parts", default="unet,vae,clip,kernels", help="comma list of what to time")
     p.add_argument("--clip-model", default=None, help="open_clip model (default: tiny-clip for tiny, ViT-L-14 otherwise; random weights)")
+    p.add_argument("--skip-unavailable", action="store_true",
+                   help="record a compile mode / attention backend that cannot run here under `unavailable` and go on (default: stop with its error)")
     p.add_argument("--smoke", action="store_true", help="tiny model, 64x64, batch 1, 2 iterations (CI)")
     p.add_argument("--out", default=str(common.RESULTS))
     p.add_argument("--name", default=None)
@@ -170,7 +172,7 @@ def kernel_rows(a: argparse.Namespace, device: torch.device) -> list[dict[str, A
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from hpcwalk.compile import CompileConfig
+    from hpcwalk.compile import CompileConfig, CompileError
     from hpcwalk.models import load_components, resolve_device
 
     # 1. settings; every combination is checked before anything is timed
@@ -178,17 +180,26 @@ def main(argv: list[str] | None = None) -> Path:
     if a.threads:
         torch.set_num_threads(a.threads)
     device = resolve_device(a.device)
-    for mode in _list(a.compile):
-        for attention in _list(a.attention):
-            CompileConfig(mode=mode, attention=attention).check(device)
+    unavailable: dict[str, str] = {}
+    for option, values in (("mode", _list(a.compile)), ("attention", _list(a.attention))):
+        for v in values:
+            try:
+                CompileConfig(**{option: v}).check(device)
+            except CompileError as e:
+                if not a.skip_unavailable:
+                    raise
+                unavailable[v] = str(e)
+                print(f"unavailable, skipped: {e}", flush=True)
+    modes = [m for m in _list(a.compile) if m not in unavailable]
+    attentions = [x for x in _list(a.attention) if x not in unavailable]
     load0 = common.load_average()
     rows: list[dict[str, Any]] = []
     # 2. UNet and VAE per dtype x attention x compile mode (a fresh model per dtype and attention:
     #    attention processors change modules in place)
     for dtype in _list(a.dtypes):
-        for attention in _list(a.attention):
+        for attention in attentions:
             c = load_components(a.model, dtype, a.device)
-            for mode in _list(a.compile):
+            for mode in modes:
                 torch._dynamo.reset()
                 rows += unet_rows(a, c, mode, attention, dtype)
             del c
@@ -210,6 +221,7 @@ def main(argv: list[str] | None = None) -> Path:
                      "warmup": a.warmup, "iters": a.iters, "threads": torch.get_num_threads(), "smoke": a.smoke},
         "rows": [r for r in rows if r["module"] != "kernel"],
         "kernels": [r for r in rows if r["module"] == "kernel"],
+        "unavailable": unavailable,
         "host_load_average": {"before": load0, "after": common.load_average()},
         "note": a.note,
     }

@@ -84,7 +84,7 @@ else
   M=(--model sd14-random --height 512 --width 512)
   # per-step latency, eager: every batch size, SDPA and cuDNN attention, fp16 and bf16 (UNet, VAE, CLIP, kernels)
   step latency_eager 150 "${RUN[@]}" benchmarks/step_latency.py "${M[@]}" --dtypes float16,bfloat16 --attention sdpa,cudnn \
-    --compile none --batches 1,4,8 --warmup 3 --iters 20 --out "$OUT" --name step-latency-eager
+    --compile none --batches 1,4,8 --warmup 3 --iters 20 --skip-unavailable --out "$OUT" --name step-latency-eager
   # compiled UNet and VAE (inductor default mode), batch 8 only (each shape is its own compile)
   step latency_compiled 200 "${RUN[@]}" benchmarks/step_latency.py "${M[@]}" --dtypes float16 --attention sdpa \
     --compile default --batches 8 --parts unet,vae --warmup 2 --iters 20 --out "$OUT" --name step-latency-compiled

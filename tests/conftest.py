@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# One intra-op thread per process, set before torch loads (subprocesses and Ray workers inherit it):
+# the suite runs several torch processes at once (CLI subprocesses, Ray workers) on 2 cores, and
+# oversubscribed OpenMP threads there ran 10-25x slower than one thread each (measured here).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
