@@ -196,16 +196,20 @@ _WALK_REQUIRED: dict[str, set[str]] = {
 }
 
 
-def load_job(path: str | Path) -> RenderJob:
-    """Read and validate a TOML job file; every problem raises JobError naming the field."""
+def read_toml(path: str | Path, what: str, example: str) -> dict[str, Any]:
+    """A TOML file as a dict; a missing file or malformed TOML raises JobError naming the fix."""
     path = Path(path)
     if not path.is_file():
-        raise JobError(f"job file {str(path)!r} not found: pass the path of a TOML job (see examples/)")
+        raise JobError(f"{what} file {str(path)!r} not found: pass the path of a {what} TOML (see {example})")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise JobError(f"{path}: malformed TOML: {e}") from None
-    return parse_job(data, source=str(path))
+
+
+def load_job(path: str | Path) -> RenderJob:
+    """Read and validate a TOML job file; every problem raises JobError naming the field."""
+    return parse_job(read_toml(path, "job", "examples/"), source=str(path))
 
 
 def parse_job(data: dict[str, Any], source: str = "<dict>") -> RenderJob:

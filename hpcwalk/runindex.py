@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hpcwalk.job import FrameRow, NoiseKey, OutputSpec, RenderJob, Sampling, Walk, plan, shard
-from hpcwalk.store import StoreError, _fs, committed_files, committed_shards, read_run
+from hpcwalk.store import StoreError, filesystem, committed_files, committed_shards, read_run
 
 SCORE_COLUMN = re.compile(r"clip\d*_score")  # float columns clip_score*, clip2_score*: CLIP scores
 
@@ -126,7 +126,7 @@ def open_run(uri: str) -> RunIndex:
     # 1. the run and its committed shards
     run = read_run(uri)
     files = committed_files(uri)
-    fs, _ = _fs(uri)
+    fs, _ = filesystem(uri)
     # 2. small columns only (no images, no embeddings), with each row's file and row number
     parts = []
     for k, f in enumerate(files):
@@ -156,7 +156,7 @@ def open_run(uri: str) -> RunIndex:
 
 def iter_images(index: RunIndex, track: Track) -> Iterator[tuple[int, bytes]]:
     """(index, encoded image) of a track in index order; one shard's image column in memory at a time."""
-    fs, _ = _fs(index.uri)
+    fs, _ = filesystem(index.uri)
     files = track.rows.column("_file").to_pylist()
     rows = track.rows.column("_row").to_pylist()
     indices = track.indices

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from hpcwalk.clip import ClipScorer, load_clip, to_arrow
-from hpcwalk.store import StoreError, _fs, committed_files, read_run
+from hpcwalk.store import StoreError, filesystem, committed_files, read_run
 
 SCORES_DIR = "scores"
 
@@ -65,7 +65,7 @@ def preflight_score(run: str, model: str, pretrained: str, overwrite: bool = Fal
     if not committed_files(run):
         raise StoreError(f"{run!r} has no committed shards: render into it first")
     out = score_dir(run, model, pretrained)
-    fs, root = _fs(out)
+    fs, root = filesystem(out)
     if fs.get_file_info(f"{root}/score.json").type == pafs.FileType.File and not overwrite:
         with fs.open_input_stream(f"{root}/score.json") as f:
             prev = json.loads(f.read()).get("run_fingerprint")
@@ -82,8 +82,8 @@ def score_run(run: str, model: str, pretrained: str, device: str = "cpu", dtype:
     # 1. validate the run and the output, then load the model (ClipLoadError names the fix)
     out = preflight_score(run, model, pretrained, overwrite)
     scorer = load_clip(model, pretrained, device, dtype)
-    fs, root = _fs(out)
-    run_fs, _ = _fs(run)
+    fs, root = filesystem(out)
+    run_fs, _ = filesystem(run)
     if overwrite and fs.get_file_info(root).type == pafs.FileType.Directory:
         fs.delete_dir_contents(root)
     for sub in ("data", "commits"):

@@ -133,7 +133,7 @@ def frames_table(rows: list[FrameRow], images: list[bytes], latent_norm: np.ndar
 
 def preflight(uri: str, job: RenderJob, overwrite: bool = False) -> Literal["new", "resume", "replace"]:
     """Check an output folder before any work, writing nothing; raise StoreError naming the fix."""
-    fs, root = _fs(uri)
+    fs, root = filesystem(uri)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.File:
         raise StoreError(f"output {uri!r} is a file, not a folder: choose another --out")
@@ -174,7 +174,8 @@ class CommitMarker:
     committed_at: float = field(default_factory=time.time)
 
 
-def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A run URI (local path or pyarrow.fs URI such as s3://bucket/run) as (filesystem, root path)."""
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(uri)
@@ -187,7 +188,7 @@ class ShardStore:
                  create: bool = True):
         self.uri = uri
         self.job = job
-        self.fs, self.root = _fs(uri)
+        self.fs, self.root = filesystem(uri)
         self.frames = f"{self.root}/{FRAMES_DIR}"
         self.commits = f"{self.root}/{COMMITS_DIR}"
         self.metadata = metadata or run_metadata(job)
@@ -270,7 +271,7 @@ class ShardStore:
 
 def committed_shards(uri: str) -> set[int]:
     """Indices of a run's committed shards (those with a marker); empty for a new folder."""
-    fs, root = _fs(uri)
+    fs, root = filesystem(uri)
     sel = pafs.FileSelector(f"{root}/{COMMITS_DIR}", allow_not_found=True)
     return {int(i.base_name[len("shard-"):-len(".done.json")]) for i in fs.get_file_info(sel)
             if i.base_name.startswith("shard-") and i.base_name.endswith(".done.json")}
@@ -278,7 +279,7 @@ def committed_shards(uri: str) -> set[int]:
 
 def committed_files(uri: str) -> list[str]:
     """Paths of committed shard files of a run, in shard order."""
-    fs, root = _fs(uri)
+    fs, root = filesystem(uri)
     def names(d: str) -> set[str]:
         return {i.base_name for i in fs.get_file_info(pafs.FileSelector(f"{root}/{d}", allow_not_found=True))}
 
@@ -289,7 +290,7 @@ def committed_files(uri: str) -> list[str]:
 
 def read_frames(uri: str, columns: list[str] | None = None) -> pa.Table:
     """All committed frames of a run as one Arrow table (uncommitted files are ignored)."""
-    fs, _ = _fs(uri)
+    fs, _ = filesystem(uri)
     files = committed_files(uri)
     if not files:
         raise StoreError(f"{uri!r} has no committed shards: render into it first")
@@ -299,7 +300,7 @@ def read_frames(uri: str, columns: list[str] | None = None) -> pa.Table:
 
 def read_run(uri: str) -> dict[str, Any]:
     """The run.json of a run folder."""
-    fs, root = _fs(uri)
+    fs, root = filesystem(uri)
     try:
         with fs.open_input_stream(f"{root}/run.json") as f:
             return json.loads(f.read())

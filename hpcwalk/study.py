@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ import pyarrow.compute as pc
 
 from hpcwalk import metrics
 from hpcwalk.interp import METHODS
-from hpcwalk.job import JobError, RenderJob, parse_job, plan
+from hpcwalk.job import JobError, RenderJob, parse_job, plan, read_toml
 
 STUDY_KEYS = {"prompt", "prompts", "pairs", "first_seed", "methods", "frames", "bootstrap", "confidence"}
 SMOOTHNESS = ("path_length", "max_step", "mean_step", "step_std", "step_cv")
@@ -69,14 +68,7 @@ class Study:
 
 def load_study(path: str | Path) -> Study:
     """Read a study TOML: [study] plus the job tables ([model], [sampling], [render], [clip], [output])."""
-    path = Path(path)
-    if not path.is_file():
-        raise JobError(f"study file {str(path)!r} not found: pass the path of a study TOML (see examples/study.toml)")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise JobError(f"{path}: malformed TOML: {e}") from None
-    return parse_study(data, source=str(path))
+    return parse_study(read_toml(path, "study", "examples/study.toml"), source=str(path))
 
 
 def parse_study(data: dict[str, Any], source: str = "<dict>") -> Study:
