@@ -153,11 +153,13 @@ def markdown_table(result: dict[str, Any]) -> str:
     """The headline table of a throughput or step-latency result."""
     dev = result["device"]["name"]
     if result["benchmark"] == "throughput":
-        lines = ["| system | frames/s | s per walk (median) | vs diffusers |", "|---|---|---|---|"]
+        lines = ["| system | frames/s | s per walk (median) | vs diffusers | TFLOP/s | util |", "|---|---|---|---|---|---|"]
         base = result["figures"]["diffusers"]["frames_per_s"]
         for name, f in result["figures"].items():
             ratio = f["frames_per_s"] / base if base else float("nan")
-            lines.append(f"| {name} | {f['frames_per_s']:.2f} | {f['median_s']:.2f} | {ratio:.2f}x |")
+            tflops = "-" if f.get("tflops") is None else f"{f['tflops']:.4g}"
+            util = "null" if f.get("utilisation") is None else f"{100 * f['utilisation']:.1f}%"
+            lines.append(f"| {name} | {f['frames_per_s']:.2f} | {f['median_s']:.2f} | {ratio:.2f}x | {tflops} | {util} |")
         return f"{dev}\n\n" + "\n".join(lines)
     lines = ["| module | dtype | attention | compile | batch | median ms | p10 ms | p90 ms | TFLOP/s | util |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -194,17 +194,20 @@ def main(argv: list[str] | None = None) -> Path:
     attentions = [x for x in _list(a.attention) if x not in unavailable]
     load0 = common.load_average()
     rows: list[dict[str, Any]] = []
-    # 2. UNet and VAE per dtype x attention x compile mode (a fresh model per dtype and attention:
-    #    attention processors change modules in place)
+    # 2. UNet and VAE per dtype x attention x compile mode (one model per dtype; a fresh one after
+    #    xformers, whose attention processors change the modules in place)
     for dtype in _list(a.dtypes):
+        c = None
         for attention in attentions:
-            c = load_components(a.model, dtype, a.device)
+            c = c or load_components(a.model, dtype, a.device)
             for mode in modes:
                 torch._dynamo.reset()
                 rows += unet_rows(a, c, mode, attention, dtype)
-            del c
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            if attention == "xformers":
+                c = None
+        del c
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         # 3. CLIP image encoding
         if "clip" in a.parts:
             rows += clip_rows(a, device, dtype)

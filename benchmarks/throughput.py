@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--postprocess", default="torch", help="hpcwalk's post-processing: torch | fused")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--no-parquet", action="store_true", help="skip the hpcwalk_parquet figure")
+    p.add_argument("--variant", action="append", default=[], metavar="MODE/STEP/POST",
+                   help="also time hpcwalk with these [compile] options on the same loaded model, e.g. none/scheduler/torch "
+                        "(repeatable; figure name hpcwalk[MODE/STEP/POST]); at most one variant may compile")
     p.add_argument("--peer", action="append", default=[], choices=["sdv"], help="also run a peer (sdv: stable-diffusion-videos)")
     p.add_argument("--sdv-python", default=os.environ.get("SDV_PYTHON", str(Path.home() / ".cache/hpcwalk/sdv-venv/bin/python")))
     p.add_argument("--smoke", action="store_true", help="tiny model, 64x64, 4 frames, 4 steps, 1 repeat (CI)")
@@ -67,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.model, a.height, a.width, a.frames, a.steps, a.batch, a.repeats = "tiny", 64, 64, 4, 4, 2, 1
     if a.frames < 2 or a.batch < 1 or a.repeats < 1 or a.steps < 1:
         p.error("--frames must be >= 2, --batch, --repeats and --steps >= 1")
+    for v in a.variant:
+        if len(v.split("/")) != 3:
+            p.error(f"--variant {v!r}: expected MODE/STEP/POST, e.g. none/scheduler/torch")
+    compiling = [m for m in [a.compile] + [v.split("/")[0] for v in a.variant] if m != "none"]
+    if len(set(compiling)) > 1:
+        p.error(f"--compile and --variant ask for several compile modes ({', '.join(compiling)}) on one model: "
+                "run one process per compile mode")
     return a
 
 
@@ -75,8 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------
 
 
-def walk_job(a: argparse.Namespace):
-    """The fixed walk as an hpcwalk job: slerp between two seeds under one prompt."""
+def walk_job(a: argparse.Namespace, mode: str | None = None, step: str | None = None, post: str | None = None):
+    """The fixed walk as an hpcwalk job: slerp between two seeds under one prompt (compile options overridable)."""
     from hpcwalk.job import parse_job
 
     return parse_job({
@@ -86,7 +96,8 @@ def walk_job(a: argparse.Namespace):
         "render": {"batch_size": a.batch, "dtype": a.dtype, "device": a.device},
         "clip": {"enabled": False},
         "output": {"shard_size": a.frames},
-        "compile": {"mode": a.compile, "attention": a.attention, "step": a.step, "postprocess": a.postprocess,
+        "compile": {"mode": mode or a.compile, "attention": a.attention, "step": step or a.step,
+                    "postprocess": post or a.postprocess,
                     "channels_last": a.channels_last},
         "walk": [{"name": "bench", "kind": "latent", "prompt": PROMPT, "seeds": list(SEEDS), "methods": ["slerp"],
                   "frames": a.frames}],
@@ -216,6 +227,37 @@ def run_sdv(a: argparse.Namespace, components, workdir: Path) -> dict[str, Any]:
     return json.loads(out.read_text())
 
 
+def copy_components(c):
+    """A second set of the same modules (deep copies on the same device): the pipeline's own model."""
+    import copy
+    import dataclasses
+
+    return dataclasses.replace(c, unet=copy.deepcopy(c.unet), vae=copy.deepcopy(c.vae),
+                               text_encoder=copy.deepcopy(c.text_encoder))
+
+
+@torch.no_grad()
+def frame_flops(job, c) -> int:
+    """FLOPs of one frame, counted (torch.utils.flop_counter: matmuls, convolutions, attention) on the
+    eager modules: `steps` UNet calls on the frame's CFG pair plus one VAE decode. Prompt encoding is
+    cached per prompt and left out."""
+    s = job.sampling
+    h, w = s.height // 8, s.width // 8
+    n = 2 if s.guidance > 1.0 else 1
+    x = torch.randn(n, 4, h, w, device=c.device, dtype=c.dtype)
+    emb = torch.randn(n, 77, c.unet.config.cross_attention_dim, device=c.device, dtype=c.dtype)
+    t = torch.tensor(500, device=c.device)
+    unet = common.count_flops(lambda: c.unet(x, t, encoder_hidden_states=emb, return_dict=False))
+    vae = common.count_flops(lambda: c.vae.decode(x[:1], return_dict=False))
+    return s.steps * unet + vae
+
+
+def with_flops(figure: dict[str, Any], flops_per_frame: int, peak: float | None) -> dict[str, Any]:
+    """Add achieved TFLOP/s (frames/s x counted FLOPs per frame) and utilisation of the device's peak."""
+    tflops = figure["frames_per_s"] * flops_per_frame / 1e12
+    return {**figure, "tflops": tflops, "utilisation": tflops / peak if peak else None}
+
+
 def read_frames(folder: Path) -> np.ndarray:
     from PIL import Image
 
@@ -237,11 +279,16 @@ def main(argv: list[str] | None = None) -> Path:
     if a.threads:
         torch.set_num_threads(a.threads)
     job = walk_job(a)
+    variants = {f"hpcwalk[{v}]": walk_job(a, *v.split("/")) for v in a.variant}
     torch.manual_seed(0)
+    t_load = time.perf_counter()
     ours_c = load_components(a.model, a.dtype, a.device)
-    theirs_c = load_components(a.model, a.dtype, a.device)
+    theirs_c = copy_components(ours_c)  # the same weights; hpcwalk's in-place options never reach the pipeline
+    load_s = time.perf_counter() - t_load
     device = ours_c.device
-    job.compile.check(device, job.sampling.scheduler)
+    for j in [job, *variants.values()]:
+        j.compile.check(device, j.sampling.scheduler)
+    flops_per_frame = frame_flops(job, ours_c)
     load0 = common.load_average()
 
     # 2. the systems, each warmed up apart (compile time is hpcwalk's first warm-up)
@@ -250,6 +297,8 @@ def main(argv: list[str] | None = None) -> Path:
     systems: dict[str, Any] = {"hpcwalk": ours, "diffusers": Diffusers(job, theirs_c, latents)}
     if not a.no_parquet:
         systems["hpcwalk_parquet"] = HpcwalkParquet(ours)  # the same (compiled) renderer
+    for name, vjob in variants.items():
+        systems[name] = Hpcwalk(vjob, ours_c)
     warm: dict[str, float] = {}
     for name, sysm in systems.items():
         t = time.perf_counter()
@@ -269,9 +318,11 @@ def main(argv: list[str] | None = None) -> Path:
             times[name].append(time.perf_counter() - t)
 
     # 4. the peer, then the figures
-    figures = {n: {**common.summary(ts), "frames_per_s": a.frames / common.summary(ts)["median_s"],
-                   "warmup_s": warm[n]} for n, ts in times.items()}
-    checks = {"max_abs_diff_hpcwalk_vs_diffusers": int(np.abs(frames["hpcwalk"].astype(int) - frames["diffusers"].astype(int)).max())}
+    peak = common.device_info(device)["peak_tflops_fp16"] if a.dtype in ("float16", "bfloat16") else None
+    figures = {n: with_flops({**common.summary(ts), "frames_per_s": a.frames / common.summary(ts)["median_s"],
+                              "warmup_s": warm[n]}, flops_per_frame, peak) for n, ts in times.items()}
+    checks = {f"max_abs_diff_{n}_vs_diffusers": int(np.abs(frames[n].astype(int) - frames["diffusers"].astype(int)).max())
+              for n in ["hpcwalk", *variants]}
     peers: dict[str, Any] = {}
     if "sdv" in a.peer:
         with tempfile.TemporaryDirectory() as tmp:
@@ -281,8 +332,9 @@ def main(argv: list[str] | None = None) -> Path:
                 checks["max_abs_diff_hpcwalk_vs_sdv"] = int(np.abs(got.astype(int) - frames["hpcwalk"].astype(int)).max())
             else:
                 checks["sdv_frames_shape"] = list(got.shape)
-        figures["stable-diffusion-videos"] = {**common.summary(sdv["walk_s"]), "frames_per_s": a.frames / common.summary(sdv["walk_s"])["median_s"],
-                                              "warmup_s": sdv["warmup_s"]}
+        figures["stable-diffusion-videos"] = with_flops(
+            {**common.summary(sdv["walk_s"]), "frames_per_s": a.frames / common.summary(sdv["walk_s"])["median_s"],
+             "warmup_s": sdv["warmup_s"]}, flops_per_frame, peak)
         peers["stable-diffusion-videos"] = {k: v for k, v in sdv.items() if k not in ("walk_s",)}
     base = figures["diffusers"]["frames_per_s"]
     ratios = {f"{n}_vs_diffusers": f["frames_per_s"] / base for n, f in figures.items() if n != "diffusers"}
@@ -302,6 +354,9 @@ def main(argv: list[str] | None = None) -> Path:
         "figures": figures,
         "ratios": ratios,
         "compile_s": warm["hpcwalk"] if a.compile != "none" else 0.0,
+        "load_s": load_s,
+        "flops_per_frame": flops_per_frame,
+        "variants": {n: vars(j.compile) for n, j in variants.items()},
         "kernel_paths": {"guided_dpm_step": guided_dpm_step.last_path, "decode_postprocess": decode_postprocess.last_path},
         "checks": checks,
         "peers": peers,

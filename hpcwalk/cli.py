@@ -335,7 +335,7 @@ def check_speed(job) -> None:
     """The job's [compile] choices must run on its device; raises CompileError naming the fix."""
     from hpcwalk.models import resolve_device
 
-    job.compile.check(resolve_device(job.render.device), job.sampling.scheduler)
+    job.compile.check(resolve_device(job.render.device), job.sampling.scheduler, job.render.dtype)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

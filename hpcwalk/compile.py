@@ -12,7 +12,7 @@ Options and their numerical risk (frames are checked against the eager float32 p
 | `[render] dtype` | float16 / bfloat16 weights and activations (CUDA; fp16 is refused on the CPU) | fp16 VAE can overflow to inf/NaN: the renderer's NaN guard re-decodes such frames in float32 and records it; bf16 loses ~3 significant digits, frames drift by a few uint8 levels |
 | `mode` | torch.compile of the UNet (and VAE decode, see `scope`): `none`, `default`, `max-autotune`, `reduce-overhead` (CUDA graphs) | inductor reorders and fuses float ops: last-bit differences, frames within 1 uint8 level in fp32; `max-autotune` adds minutes of compile time; `reduce-overhead` replays CUDA graphs whose outputs are overwritten by the next replay (the renderer consumes or clones them first) and needs CUDA |
 | `scope` | `unet` or `unet+vae`: which modules `mode` compiles | none beyond `mode`'s; compiling the VAE costs more compile time than it saves on short runs on the CPU |
-| `attention` | `sdpa` (torch's fused attention, default), `xformers` (needs xformers and CUDA), `cudnn` (cuDNN attention via SDPA, Hopper) | different reduction orders: last-bit differences; cuDNN attention may be refused for some head sizes, which is checked at prepare time |
+| `attention` | `sdpa` (torch's fused attention, default), `xformers` (needs xformers and CUDA), `cudnn` (cuDNN attention via SDPA for the UNet, Hopper) | different reduction orders: last-bit differences; `cudnn` applies to the UNet only: the VAE's attention (one head of 512 channels) is beyond cuDNN's head sizes ("No available kernel" on an H200, 2026-11-26) and keeps torch's default SDPA choice; the UNet's head size is checked at prepare time |
 | `channels_last` | NHWC memory format for UNet and VAE convolutions | none numerically beyond different conv algorithms (last bits); slower on the CPU for small models |
 | `fuse_qkv` | one matmul for Q, K, V (self-attention) and K, V (cross-attention) | last-bit differences; not combinable with `xformers` |
 | `step` | `scheduler` (diffusers' `scheduler.step`) or `fused` (guidance + DPM-Solver++(2M) in one kernel, `hpcwalk.kernels.guided_dpm`) | fused keeps the sample in float32 and folds coefficients: frames within 1 uint8 level of the scheduler path; `dpmsolver++` only |
@@ -52,7 +52,7 @@ class CompileConfig:
     step: str = "scheduler"  # scheduler | fused
     postprocess: str = "torch"  # torch | fused
 
-    def problems(self, scheduler: str | None = None) -> list[str]:
+    def problems(self, scheduler: str | None = None, dtype: str | torch.dtype | None = None) -> list[str]:
         """Value problems (no environment checks), each one line naming `[compile] <option>`."""
         out = []
         for name, choices in (("mode", COMPILE_MODES), ("scope", COMPILE_SCOPES), ("attention", ATTENTION_BACKENDS),
@@ -65,14 +65,17 @@ class CompileConfig:
         if self.fuse_qkv and self.attention == "xformers":
             out.append("[compile] fuse_qkv = true needs attention 'sdpa' or 'cudnn' (diffusers' fused QKV "
                        "processor is SDPA-based): set fuse_qkv = false or attention = 'sdpa'")
+        if self.attention == "cudnn" and dtype is not None and str(dtype).replace("torch.", "") == "float32":
+            out.append("[compile] attention 'cudnn' needs [render] dtype 'float16' or 'bfloat16' (cuDNN attention "
+                       "has no float32 kernel): set dtype = 'float16' or attention = 'sdpa'")
         if self.step == "fused" and scheduler is not None and scheduler != "dpmsolver++":
             out.append(f"[compile] step = 'fused' implements DPM-Solver++ only, but [sampling] scheduler is "
                        f"{scheduler!r}: set scheduler = 'dpmsolver++' or step = 'scheduler'")
         return out
 
-    def check(self, device: torch.device | str, scheduler: str | None = None) -> None:
-        """Raise CompileError for a bad value or a choice that cannot run on `device`."""
-        bad = self.problems(scheduler)
+    def check(self, device: torch.device | str, scheduler: str | None = None, dtype: str | torch.dtype | None = None) -> None:
+        """Raise CompileError for a bad value or a choice that cannot run on `device` in `dtype`."""
+        bad = self.problems(scheduler, dtype)
         if bad:
             raise CompileError(bad[0])
         dev = torch.device(device)
@@ -115,7 +118,7 @@ def check_xformers(device: torch.device) -> None:
 
 
 def check_cudnn_attention(device: torch.device) -> None:
-    """cuDNN attention must run on `device` at SD's head size (40) in fp16."""
+    """cuDNN attention must run on `device` at SD 1.x UNet's head size (40) in fp16 (the VAE never uses it)."""
     if device.type != "cuda":
         raise CompileError(f"[compile] attention 'cudnn' needs a CUDA device (cuDNN attention), not {device}: "
                            "use attention = 'sdpa'")
@@ -166,7 +169,7 @@ def prepare(config: CompileConfig, components: Any, scheduler: str | None = None
     from hpcwalk.kernels.decode_postprocess import decode_postprocess, reference
 
     # 1. validate against the device
-    config.check(components.device, scheduler)
+    config.check(components.device, scheduler, components.dtype)
     unet, vae = components.unet, components.vae
     # 2. attention (diffusers' default processors already call torch SDPA; cudnn restricts SDPA's backend)
     if config.attention == "xformers":
@@ -183,8 +186,8 @@ def prepare(config: CompileConfig, components: Any, scheduler: str | None = None
     attention = _attention_context(config.attention)
 
     def vae_decode(z: torch.Tensor) -> torch.Tensor:
-        with attention():
-            return vae.decode(z, return_dict=False)[0]
+        # never under the cuDNN restriction: the VAE's one 512-wide attention head has no cuDNN kernel
+        return vae.decode(z, return_dict=False)[0]
 
     def unet_call(*args: Any, **kwargs: Any) -> Any:
         with attention():

@@ -167,7 +167,7 @@ class RenderJob:
         render = _build(RenderSettings, raw["render"], "[render]")
         output = _build(OutputSpec, raw["output"], "[output]")
         _check_render(render, output)
-        _check_compile(speed, self.sampling)
+        _check_compile(speed, self.sampling, render.dtype)
         return dataclasses.replace(self, model=model, render=render, output=output, compile=speed)
 
 
@@ -223,7 +223,7 @@ def parse_job(data: dict[str, Any], source: str = "<dict>") -> RenderJob:
         parts[key] = _build(cls, table, f"[{key}]")
     _check_sampling(parts["sampling"])
     _check_render(parts["render"], parts["output"])
-    _check_compile(parts["compile"], parts["sampling"])
+    _check_compile(parts["compile"], parts["sampling"], parts["render"].dtype)
     parts["clip"].models(parts["model"].id)  # raises JobError on an incomplete [clip] table
     walks_raw = data.get("walk", [])
     if not isinstance(walks_raw, list) or not walks_raw:
@@ -287,9 +287,9 @@ def _check_render(r: RenderSettings, o: OutputSpec) -> None:
         raise JobError(_choice_msg("[output] image_format", o.image_format, IMAGE_FORMATS))
 
 
-def _check_compile(c: CompileConfig, s: Sampling) -> None:
+def _check_compile(c: CompileConfig, s: Sampling, dtype: str | None = None) -> None:
     """Values only; whether a choice runs on the device is checked when the renderer is built."""
-    bad = c.problems(s.scheduler)
+    bad = c.problems(s.scheduler, dtype)
     if bad:
         raise JobError(bad[0])
 

@@ -39,6 +39,27 @@ def test_throughput_smoke_via_cli(tmp_path):
     assert r["device"]["peak_tflops_fp16"] is None
 
 
+def test_throughput_variants_share_one_model(tmp_path):
+    """--variant adds hpcwalk configurations to the same run; each gets frames/s, counted TFLOP/s
+    and a pixel check against diffusers; two compile modes in one process are refused."""
+    _run([sys.executable, "benchmarks/throughput.py", "--smoke", "--threads", "1", "--no-parquet",
+          "--variant", "none/scheduler/torch", "--variant", "none/fused/fused", "--out", str(tmp_path), "--name", "v"])
+    r = json.loads((tmp_path / "v.json").read_text())
+    assert set(r["figures"]) == {"hpcwalk", "diffusers", "hpcwalk[none/scheduler/torch]", "hpcwalk[none/fused/fused]"}
+    assert r["variants"]["hpcwalk[none/fused/fused]"]["step"] == "fused"
+    assert r["flops_per_frame"] > 0
+    for name, f in r["figures"].items():
+        assert f["tflops"] == pytest.approx(f["frames_per_s"] * r["flops_per_frame"] / 1e12)
+        assert f["utilisation"] is None  # CPU: no peak
+    assert r["checks"]["max_abs_diff_hpcwalk[none/scheduler/torch]_vs_diffusers"] <= 1
+    assert r["checks"]["max_abs_diff_hpcwalk[none/fused/fused]_vs_diffusers"] <= 1
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--smoke", "--compile", "default",
+                           "--variant", "max-autotune/fused/fused", "--out", str(tmp_path), "--name", "bad"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "run one process per compile mode" in proc.stderr
+    assert not (tmp_path / "bad.json").exists()
+
+
 def test_step_latency_smoke(tmp_path):
     _run([sys.executable, "benchmarks/step_latency.py", "--smoke", "--threads", "1", "--out", str(tmp_path), "--name", "s"])
     r = json.loads((tmp_path / "s.json").read_text())

@@ -67,7 +67,7 @@ def test_compile_options_do_not_change_the_fingerprint():
     plain = parse_job({"walk": _WALK})
     fast = parse_job({"compile": {"mode": "default", "step": "fused"}, "walk": _WALK})
     assert fast.compile.mode == "default" and plain.fingerprint() == fast.fingerprint()
-    assert plain.with_overrides(compile_mode="max-autotune", attention="cudnn").compile.attention == "cudnn"
+    assert plain.with_overrides(compile_mode="max-autotune", attention="cudnn", dtype="float16").compile.attention == "cudnn"
     with pytest.raises(JobError, match="mode: unknown value 'fast'"):
         plain.with_overrides(compile_mode="fast")
 
@@ -88,6 +88,36 @@ def test_xformers_unusable_here_is_a_clear_error(tiny):
 def test_cuda_only_choices_refused_on_cpu(config, match):
     with pytest.raises(CompileError, match=match):
         config.check(torch.device("cpu"))
+
+
+def test_cudnn_attention_in_float32_is_refused():
+    """cuDNN attention has no float32 kernel: refused with the fix named, in the job and at prepare time."""
+    msg = r"attention 'cudnn' needs \[render\] dtype 'float16' or 'bfloat16'"
+    with pytest.raises(CompileError, match=msg):
+        CompileConfig(attention="cudnn").check("cpu", dtype=torch.float32)  # before the device check
+    with pytest.raises(JobError, match=msg):
+        parse_job({"compile": {"attention": "cudnn"}, "walk": _WALK})  # [render] dtype defaults to float32
+    assert parse_job({"render": {"dtype": "float16"}, "compile": {"attention": "cudnn"}, "walk": _WALK}).compile.attention == "cudnn"
+    job = parse_job({"render": {"dtype": "float16"}, "compile": {"attention": "cudnn"}, "walk": _WALK})
+    with pytest.raises(JobError, match=msg):
+        job.with_overrides(dtype="float32")
+
+
+def test_cudnn_attention_restricts_the_unet_only(tiny, monkeypatch):
+    """cuDNN has no kernel for the VAE's one 512-wide attention head ("No available kernel" on an
+    H200): `cudnn` restricts the UNet's SDPA calls and leaves the VAE decode on torch's default
+    choice. On this CPU a cuDNN-only SDPA call has no kernel at all, which makes the split visible."""
+    import hpcwalk.compile as hc
+
+    monkeypatch.setattr(hc, "check_cudnn_attention", lambda device: None)  # the device check needs CUDA
+    monkeypatch.setattr(hc.CompileConfig, "problems", lambda self, *a: [])  # and so does float16 (tiny is float32 here)
+    speed = prepare(CompileConfig(attention="cudnn"), tiny)
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        assert speed.vae_decode(z).shape == (1, 3, 64, 64)  # not restricted: runs
+        x, emb = torch.randn(2, 4, 8, 8), torch.randn(2, 77, tiny.unet.config.cross_attention_dim)
+        with pytest.raises(RuntimeError, match="No available kernel|No viable backend"):  # cuDNN only: none here
+            speed.unet(x, torch.tensor(500), encoder_hidden_states=emb, return_dict=False)
 
 
 def test_cli_refuses_unusable_attention_before_writing(tmp_path):

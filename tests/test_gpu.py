@@ -146,6 +146,30 @@ def test_cudnn_attention_on_hopper():
             assert "attention 'cudnn'" in str(e)
 
 
+def test_cudnn_attention_renders_and_decodes_sd14_vae_attention(tiny_job, rows):
+    """attention = 'cudnn' (float16: cuDNN attention has no float32 kernel) renders like SDPA, and the
+    SD 1.4 VAE's 512-wide attention head, which cuDNN cannot run, decodes on the default SDPA choice
+    instead of failing ("No available kernel", seen on an H200 on 2026-11-26 before the fix)."""
+    from diffusers import AutoencoderKL
+
+    from hpcwalk.models import PRESETS, load_components
+
+    name = torch.cuda.get_device_name()
+    if not any(h in name for h in ("H100", "H200")):
+        pytest.skip(f"cuDNN attention is checked on Hopper only, not {name}")
+    half = load_components("tiny", "float16", "cuda")
+    sdpa = Renderer(half, tiny_job.sampling, batch_size=4).render(rows).images
+    cudnn = Renderer(half, tiny_job.sampling, batch_size=4, compile=CompileConfig(attention="cudnn")).render(rows).images
+    mean_diff = float(np.abs(cudnn.astype(float) - sdpa.astype(float)).mean())
+    print(f"cudnn vs sdpa attention, float16: mean abs diff {mean_diff:.3f}, max {_diff(cudnn, sdpa)}")
+    assert cudnn.std() > 5 and mean_diff < 1.0  # different reduction orders in fp16: small, not bit-equal
+    vae = AutoencoderKL(**PRESETS["sd14-random"]["vae"]).to("cuda", torch.float16).eval()
+    r = Renderer(dataclasses.replace(half, vae=vae), tiny_job.sampling, batch_size=1, compile=CompileConfig(attention="cudnn"))
+    with torch.no_grad():
+        img = r.speed.vae_decode(torch.randn(1, 4, 64, 64, device="cuda", dtype=torch.float16))
+    assert img.shape == (1, 3, 512, 512) and torch.isfinite(img).all()
+
+
 def test_xformers_is_usable_or_a_clear_error():
     try:
         import xformers  # noqa: F401
