@@ -31,7 +31,7 @@ def _fail(msg: str) -> None:
 
 # Executor flags, shared by every command that renders: declare them with these aliases
 # (`ray: RayOption = None, workers: WorkersOption = None, gpus_per_worker: GpusPerWorkerOption = None,
-# retries: RetriesOption = 2`) and turn them into checked ExecutorOptions with `executor_options`.
+# retries: RetriesOption = 2, shard_timeout: ShardTimeoutOption = None`) and turn them into checked ExecutorOptions with `executor_options`.
 RayOption = Annotated[Optional[str], typer.Option(
     "--ray", metavar="[ADDRESS]",
     help="Render on Ray: auto, HOST:PORT of the head, ray://HOST:10001, or no value: RAY_ADDRESS when set "
@@ -42,16 +42,21 @@ GpusPerWorkerOption = Annotated[Optional[float], typer.Option(
     "--gpus-per-worker", help="GPUs per Ray worker (default 1; 0.5 puts two workers on each GPU).")]
 RetriesOption = Annotated[int, typer.Option(
     "--retries", help="Re-runs of a shard whose Ray worker died under it, before it is reported failed.")]
+ShardTimeoutOption = Annotated[Optional[float], typer.Option(
+    "--shard-timeout", metavar="SECONDS",
+    help="Ray only: a shard still rendering after this long is taken as a hung worker: the worker is killed "
+         "and replaced, and the shard retried (counts against --retries). Default: no limit.")]
 
 
 def executor_options(ray: Optional[str], workers: Optional[int], gpus_per_worker: Optional[float],
-                     retries: int = 2):
+                     retries: int = 2, shard_timeout: Optional[float] = None):
     """The executor flags as checked `ExecutorOptions`; bad flags exit 2 with one line."""
     from hpcwalk.executors import ExecutorError, ExecutorOptions
     from hpcwalk.ray_executor import check_reachable
 
     try:
-        options = ExecutorOptions(ray=ray, workers=workers, gpus_per_worker=gpus_per_worker, max_retries=retries)
+        options = ExecutorOptions(ray=ray, workers=workers, gpus_per_worker=gpus_per_worker, max_retries=retries,
+                                  shard_timeout_s=shard_timeout)
         check_reachable(options.check().ray)
         return options
     except ExecutorError as e:
@@ -98,6 +103,7 @@ def render(
     workers: WorkersOption = None,
     gpus_per_worker: GpusPerWorkerOption = None,
     retries: RetriesOption = 2,
+    shard_timeout: ShardTimeoutOption = None,
 ) -> None:
     """Render every frame of JOB_FILE into Parquet shards under --out.
 
@@ -110,7 +116,7 @@ def render(
     from hpcwalk.store import StoreError, preflight
 
     # 1. validate everything before any work
-    executor = executor_options(ray, workers, gpus_per_worker, retries)
+    executor = executor_options(ray, workers, gpus_per_worker, retries, shard_timeout)
     try:
         job = load_job(job_file).with_overrides(model=model, device=device, dtype=dtype,
                                                 batch_size=batch_size, shard_size=shard_size,
@@ -231,6 +237,7 @@ def study(
     workers: WorkersOption = None,
     gpus_per_worker: GpusPerWorkerOption = None,
     retries: RetriesOption = 2,
+    shard_timeout: ShardTimeoutOption = None,
 ) -> None:
     """Render N seed pairs x methods x n frames, CLIP-scored in the same pass, and report InterpScore
     per method with bootstrap CIs, paired differences, curves along gamma and smoothness.
@@ -242,22 +249,22 @@ def study(
 
     from hpcwalk.clip import check_job_clip
     from hpcwalk.executors import ExecutorError
-    from hpcwalk.models import ModelLoadError, check_model_spec
+    from hpcwalk.models import ModelLoadError
     from hpcwalk.store import StoreError, preflight
     from hpcwalk.study import load_study, run_study
 
     # 1. validate everything before any work
-    executor = executor_options(ray, workers, gpus_per_worker, retries)
+    executor = executor_options(ray, workers, gpus_per_worker, retries, shard_timeout)
     if "://" in out:
         _fail(f"--out {out!r}: a study writes its report to a local folder; pass a local path")
     try:
         st = load_study(study_file)
         st = dataclasses.replace(st, job=st.job.with_overrides(model=model, device=device, dtype=dtype,
                                                                batch_size=batch_size))
-        check_model_spec(st.job.model.id, st.job.render.dtype, st.job.render.device)
+        check_render_device(st.job, executor)  # with --ray, device and dtype are checked on the workers
         check_job_clip(st.job)
         mode = preflight(out, st.job, overwrite)
-    except (JobError, StoreError, ModelLoadError) as e:
+    except (JobError, StoreError, ModelLoadError, CompileError) as e:
         _fail(str(e))
     s = st.spec
     typer.echo(f"hpcwalk study: {s.pairs} seed pairs x {len(s.prompts)} prompt(s) x {len(s.methods)} methods x "

@@ -141,6 +141,7 @@ class ExecutorOptions:
     gpus_per_worker: float | None = None  # None: 1 on a cluster with GPUs
     max_retries: int = 2  # re-runs of a shard whose worker died under it; then it is reported failed
     start_timeout_s: float = 600.0  # how long workers may take to start and load the model
+    shard_timeout_s: float | None = None  # Ray: a shard running longer is treated as a hung worker (killed, retried)
 
     def check(self) -> "ExecutorOptions":
         """Validate every option before any work; raise ExecutorError with one line naming the fix."""
@@ -156,6 +157,12 @@ class ExecutorOptions:
             raise ExecutorError(f"--gpus-per-worker must be a fraction in (0, 1] or a whole number, got {g:g}")
         if self.max_retries < 0:
             raise ExecutorError(f"--retries must be >= 0, got {self.max_retries}")
+        if self.shard_timeout_s is not None:
+            if self.ray is None:
+                raise ExecutorError("--shard-timeout needs --ray: a hung render in this process cannot be stopped "
+                                    "safely; run with --ray (a local Ray instance works) or drop --shard-timeout")
+            if not self.shard_timeout_s > 0:
+                raise ExecutorError(f"--shard-timeout must be > 0 seconds, got {self.shard_timeout_s:g}")
         return self
 
 

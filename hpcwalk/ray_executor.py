@@ -15,7 +15,9 @@ CPUs for its own operators.
 Faults: actors run with `max_restarts=0, max_task_retries=0`, so a worker that dies (killed, OOM,
 node lost) surfaces at once as an ActorDiedError. The driver then starts a replacement actor
 (bounded), and hands the shard back to the pool, where the next free worker takes it, up to
-`max_retries` times. An error inside `render_shard` (NaN guard, bad input, write error) is a
+`max_retries` times. With `shard_timeout_s`, a worker whose shard runs longer is taken as hung: the
+driver kills it (`ray.kill`), and from there it is a dead worker like any other. An error inside
+`render_shard` (NaN guard, bad input, write error) is a
 failed result: reported with its shard id, never retried. Writes are idempotent (one file name
 per shard, temporary name + rename, then marker), so a retried shard cannot duplicate frames.
 """
@@ -179,6 +181,8 @@ class RayExecutor:
         self._names: dict[int, str] = {}  # id(handle) -> name
         self._starting: dict[Any, str] = {}  # ready() ref -> name
         self._running: dict[str, Shard] = {}  # actor id -> shard in flight
+        self._since: dict[str, float] = {}  # actor id -> monotonic time its shard was handed out
+        self._timed_out: dict[str, float] = {}  # actor id -> seconds its shard ran before the worker was killed
         self._next_id = 0
         self._replacements_left = 0
         self._owns_ray = False
@@ -288,7 +292,8 @@ class RayExecutor:
 
         def submit(handle: Any, shard: Shard) -> Any:  # the pool calls this when `handle` is free
             attempts[shard.index] += 1
-            self._running[self.workers[self._names[id(handle)]].actor_id] = shard
+            actor_id = self.workers[self._names[id(handle)]].actor_id
+            self._running[actor_id], self._since[actor_id] = shard, time.monotonic()
             return handle.render.remote(shard, uri)
 
         def record(r: ShardResult) -> None:
@@ -314,10 +319,13 @@ class RayExecutor:
                     break
                 continue
             try:
-                r = pool.get_next_unordered(timeout=1.0 if self._starting else None)
+                poll = self._starting or self.options.shard_timeout_s is not None
+                r = pool.get_next_unordered(timeout=1.0 if poll else None)
             except TimeoutError:
+                self._kill_overdue()
                 continue
             except ray.exceptions.RayActorError as e:
+                hung = self._timed_out.pop(getattr(e, "actor_id", None) or "", None)
                 shard, who = self._lost(e)
                 host = (self.dead.get(who) or self.workers[who]).host
                 if attempts[shard.index] <= self.options.max_retries:
@@ -326,13 +334,15 @@ class RayExecutor:
                     if progress:
                         progress(0)
                     continue
-                r = ShardResult(shard.index, "failed", len(shard.rows), 0.0,
-                                f"worker died {attempts[shard.index]} times rendering it (last: {who} on {host}): "
-                                f"{_first_line(e)}", who)
+                why = (f"still rendering after {hung:.0f} s (--shard-timeout {self.options.shard_timeout_s:g}), "
+                       f"{attempts[shard.index]} times (last: {who} on {host}, killed)") if hung is not None else (
+                       f"worker died {attempts[shard.index]} times rendering it (last: {who} on {host}): {_first_line(e)}")
+                r = ShardResult(shard.index, "failed", len(shard.rows), 0.0, why, who)
             else:
                 actor_id = self.workers[r.worker].actor_id
                 if actor_id in self._running and self._running[actor_id].index == r.shard:
                     del self._running[actor_id]
+                    self._since.pop(actor_id, None)
             record(r)
         for s in shards:  # left only when no worker is alive and none could be started
             if s.index not in results:
@@ -340,12 +350,29 @@ class RayExecutor:
                                    f"no live worker: {len(self.dead)} died and no replacement could start", ""))
         return [results[s.index] for s in shards]
 
+    def _kill_overdue(self) -> None:
+        """Kill each worker whose shard has run past --shard-timeout; its pending result then fails as a
+        dead worker's does (ActorDiedError), so the shard is retried elsewhere and a replacement starts."""
+        import ray
+
+        limit = self.options.shard_timeout_s
+        if limit is None:
+            return
+        now = time.monotonic()
+        for actor_id, since in list(self._since.items()):
+            if actor_id in self._running and actor_id not in self._timed_out and now - since > limit:
+                name = next((n for n, i in self.workers.items() if i.actor_id == actor_id), None)
+                if name is not None and name in self._handles:
+                    self._timed_out[actor_id] = now - since
+                    ray.kill(self._handles[name], no_restart=True)
+
     def _lost(self, e: Exception) -> tuple[Shard, str]:
         """The worker behind `e` died: retire it, start a replacement (bounded); return its shard and name."""
         import ray
 
         actor_id = getattr(e, "actor_id", None)
         shard = self._running.pop(actor_id, None) if actor_id else None
+        self._since.pop(actor_id or "", None)
         name = next((n for n, i in self.workers.items() if i.actor_id == actor_id), None)
         if shard is None or name is None:
             raise RuntimeError(f"a Ray worker failed and its shard cannot be told: {_first_line(e)}") from e

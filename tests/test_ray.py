@@ -56,10 +56,15 @@ prompts = ["a cat", "a dog", "a lighthouse", "a city at night", "a red car", "a 
 
 @dataclass(frozen=True)
 class FaultyFactory:
-    """Builds the real Renderer; rows in `exit_on` kill the worker process, rows in `raise_on` raise."""
+    """Builds the real Renderer; rows in `exit_on` kill the worker process, rows in `raise_on` raise,
+    rows in `hang_on` hang the worker every time, rows in `hang_once_on` the first time (a flag file
+    in `flag_dir` remembers it across worker processes)."""
 
     exit_on: frozenset[str] = frozenset()
     raise_on: frozenset[str] = frozenset()
+    hang_on: frozenset[str] = frozenset()
+    hang_once_on: frozenset[str] = frozenset()
+    flag_dir: str = ""
 
     def __call__(self, job: RenderJob) -> "FaultyRenderer":
         return FaultyRenderer(Renderer.from_job(job), self)
@@ -75,6 +80,13 @@ class FaultyRenderer:
             os._exit(17)  # the worker process dies as if OOM-killed
         if ids & self.faults.raise_on:
             raise FloatingPointError("NaN in the denoised latents")
+        if ids & self.faults.hang_on:
+            time.sleep(3600)  # a hung GPU call: the process lives, nothing returns
+        if ids & self.faults.hang_once_on:
+            flag = os.path.join(self.faults.flag_dir, "hung-" + min(ids).replace("/", "_"))
+            if not os.path.exists(flag):
+                open(flag, "w").close()
+                time.sleep(3600)
         return self.inner.render(rows, on_batch)
 
 
@@ -194,6 +206,34 @@ def test_failures_are_bounded_and_reported(cluster, job, shards, reference, tmp_
     assert sum(int(ln.split(": ")[1].split(" shards")[0]) for ln in lines) == len(shards) - 2
     first_two = [summary.worker_labels[w] for w in ("w0", "w1")]
     assert len({lbl.split(", GPU ")[1] for lbl in first_two}) == 2, first_two
+
+
+def test_hung_worker_is_killed_and_its_shard_retried(cluster, job, shards, reference, tmp_path):
+    """--shard-timeout: a worker hung on a shard (alive, never returning) is killed and replaced; a
+    shard that hangs once is rendered on retry, one that hangs every time fails after 1 + retries
+    attempts with a message naming the timeout; every other frame equals the local run."""
+    out = str(tmp_path / "run")
+    once, always = shards[1], shards[-1]
+    faults = FaultyFactory(hang_on=frozenset(r.frame_id for r in always.rows),
+                           hang_once_on=frozenset(r.frame_id for r in once.rows), flag_dir=str(tmp_path))
+    summary = run_render(job, out, shards, progress=False, factory=faults,
+                         executor=ExecutorOptions(ray="auto", workers=2, max_retries=1, shard_timeout_s=5))
+    failed = {r.shard: r for r in summary.failed}
+    assert sorted(failed) == [always.index]
+    assert failed[always.index].attempts == 2
+    assert "still rendering after" in failed[always.index].error and "--shard-timeout 5" in failed[always.index].error
+    assert summary.retries == 2  # once for each hung shard's first attempt
+    assert committed_shards(out) == {s.index for s in shards} - {always.index}
+    kept = reference.filter(pa.compute.invert(pa.compute.is_in(
+        reference.column("shard"), value_set=pa.array([always.index], pa.int32()))))
+    assert _sorted(read_frames(out)).equals(kept)
+
+
+def test_shard_timeout_needs_ray_and_a_positive_value():
+    with pytest.raises(ExecutorError, match="--shard-timeout needs --ray"):
+        ExecutorOptions(shard_timeout_s=10).check()
+    with pytest.raises(ExecutorError, match="--shard-timeout must be > 0"):
+        ExecutorOptions(ray="auto", shard_timeout_s=0).check()
 
 
 def test_worker_that_cannot_load_the_model_stops_the_run_before_any_write(cluster, job, shards, tmp_path):

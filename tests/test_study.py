@@ -147,6 +147,22 @@ def test_bad_study_exits_2_and_writes_nothing(tmp_path, edit, needle):
     assert not out.exists()
 
 
+@pytest.mark.ray
+def test_study_with_ray_checks_the_device_on_the_workers_not_here(tmp_path):
+    """With --ray the driver may be a CPU-only head: a CUDA float16 study is not refused here for
+    lacking CUDA (it was, before), but by the cluster, which has no GPUs: exit 2, nothing written."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the local Ray instance would have GPUs and the study would render")
+    out = tmp_path / "s"
+    res = CliRunner().invoke(app, ["study", str(EXAMPLE), "--out", str(out), "--device", "cuda", "--dtype", "float16",
+                                   "--no-progress", "--ray", "local", "--workers", "1"])
+    assert res.exit_code == 2, res.output
+    assert "the Ray cluster has no GPUs" in res.output and "pass --device cpu" in res.output
+    assert not out.exists()
+
+
 def test_study_refuses_a_remote_out(tmp_path):
     res = CliRunner().invoke(app, ["study", str(EXAMPLE), "--out", "s3://bucket/x"])
     assert res.exit_code == 2 and "local path" in res.output
