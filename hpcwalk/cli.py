@@ -15,6 +15,7 @@ from hpcwalk.job import DTYPES, JobError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode=None,  # help texts name TOML tables like [render]: printed as written, not as markup
     help="Render latent-space walks of Stable Diffusion 1.x to Parquet, score them with CLIP, and study them.",
 )
 
@@ -46,6 +47,20 @@ ShardTimeoutOption = Annotated[Optional[float], typer.Option(
     "--shard-timeout", metavar="SECONDS",
     help="Ray only: a shard still rendering after this long is taken as a hung worker: the worker is killed "
          "and replaced, and the shard retried (counts against --retries). Default: no limit.")]
+
+
+# Job overrides, shared by `render` and `study` (None keeps the job file's value).
+ModelOption = Annotated[Optional[str], typer.Option(
+    "--model", help="Override [model] id: tiny, sd14-random, a hub id, a diffusers folder or a .safetensors file.")]
+DeviceOption = Annotated[Optional[str], typer.Option("--device", help="Override [render] device: auto, cpu, cuda or cuda:N.")]
+DtypeOption = Annotated[Optional[str], typer.Option("--dtype", help=f"Override [render] dtype: {', '.join(DTYPES)}.")]
+BatchSizeOption = Annotated[Optional[int], typer.Option(
+    "--batch-size", "-b", help="Override [render] batch_size (frames per micro-batch).")]
+CompileModeOption = Annotated[Optional[str], typer.Option(
+    "--compile", help="Override [compile] mode: none, default, max-autotune, reduce-overhead (CUDA graphs).")]
+AttentionOption = Annotated[Optional[str], typer.Option(
+    "--attention", help="Override [compile] attention: sdpa, xformers (CUDA, needs xformers), cudnn (CUDA, float16/bfloat16).")]
+ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
 
 
 def executor_options(ray: Optional[str], workers: Optional[int], gpus_per_worker: Optional[float],
@@ -90,15 +105,15 @@ def expand_ray_flag(argv: list[str]) -> list[str]:
 def render(
     job_file: Path = typer.Argument(..., help="TOML job file (see examples/quickstart.toml)."),
     out: str = typer.Option(..., "--out", "-o", help="Output run folder (local path or pyarrow.fs URI such as s3://bucket/run)."),
-    model: Optional[str] = typer.Option(None, help="Override [model] id: tiny, sd14-random, a hub id, a diffusers folder or a .safetensors file."),
-    device: Optional[str] = typer.Option(None, help="Override [render] device: auto, cpu, cuda or cuda:N."),
-    dtype: Optional[str] = typer.Option(None, help=f"Override [render] dtype: {', '.join(DTYPES)}."),
-    compile_mode: Optional[str] = typer.Option(None, "--compile", help="Override [compile] mode: none, default, max-autotune, reduce-overhead (CUDA graphs)."),
-    attention: Optional[str] = typer.Option(None, "--attention", help="Override [compile] attention: sdpa, xformers (CUDA, needs xformers), cudnn (CUDA)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Override [render] batch_size (frames per micro-batch)."),
+    model: ModelOption = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    compile_mode: CompileModeOption = None,
+    attention: AttentionOption = None,
+    batch_size: BatchSizeOption = None,
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Override [output] shard_size (frames per Parquet file). Changing it changes the job fingerprint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out (otherwise a rerun resumes, and another job's folder is refused)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    progress: ProgressOption = True,
     ray: RayOption = None,
     workers: WorkersOption = None,
     gpus_per_worker: GpusPerWorkerOption = None,
@@ -227,12 +242,14 @@ def view(
 def study(
     study_file: Path = typer.Argument(..., help="Study TOML: a [study] table plus the job tables (see examples/study.toml)."),
     out: str = typer.Option(..., "--out", "-o", help="Study folder (local): a run folder plus study.parquet, study.json, report.html and figures/."),
-    model: Optional[str] = typer.Option(None, help="Override [model] id."),
-    device: Optional[str] = typer.Option(None, help="Override [render] device: auto, cpu, cuda or cuda:N."),
-    dtype: Optional[str] = typer.Option(None, help=f"Override [render] dtype: {', '.join(DTYPES)}."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Override [render] batch_size."),
+    model: ModelOption = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    compile_mode: CompileModeOption = None,
+    attention: AttentionOption = None,
+    batch_size: BatchSizeOption = None,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing study in --out (otherwise a rerun resumes)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    progress: ProgressOption = True,
     ray: RayOption = None,
     workers: WorkersOption = None,
     gpus_per_worker: GpusPerWorkerOption = None,
@@ -260,7 +277,8 @@ def study(
     try:
         st = load_study(study_file)
         st = dataclasses.replace(st, job=st.job.with_overrides(model=model, device=device, dtype=dtype,
-                                                               batch_size=batch_size))
+                                                               batch_size=batch_size, compile_mode=compile_mode,
+                                                               attention=attention))
         check_render_device(st.job, executor)  # with --ray, device and dtype are checked on the workers
         check_job_clip(st.job)
         mode = preflight(out, st.job, overwrite)

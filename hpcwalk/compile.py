@@ -25,9 +25,10 @@ import contextlib
 import dataclasses
 import difflib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: job files and the CLI validate without it
+    import torch
 
 COMPILE_MODES = ("none", "default", "max-autotune", "reduce-overhead")
 COMPILE_SCOPES = ("unet", "unet+vae")
@@ -75,6 +76,8 @@ class CompileConfig:
 
     def check(self, device: torch.device | str, scheduler: str | None = None, dtype: str | torch.dtype | None = None) -> None:
         """Raise CompileError for a bad value or a choice that cannot run on `device` in `dtype`."""
+        import torch
+
         bad = self.problems(scheduler, dtype)
         if bad:
             raise CompileError(bad[0])
@@ -99,6 +102,8 @@ class CompileConfig:
 
 def check_xformers(device: torch.device) -> None:
     """xformers must import and run its attention kernel on `device` (CUDA)."""
+    import torch
+
     try:
         import xformers.ops as xops
     except Exception as e:  # ImportError, or a binary built for another torch
@@ -122,6 +127,7 @@ def check_cudnn_attention(device: torch.device) -> None:
     if device.type != "cuda":
         raise CompileError(f"[compile] attention 'cudnn' needs a CUDA device (cuDNN attention), not {device}: "
                            "use attention = 'sdpa'")
+    import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     try:
@@ -157,6 +163,8 @@ class SpeedModules:
     def mark_step(self) -> None:
         """Before each compiled call under CUDA graphs: earlier outputs may now be overwritten."""
         if self.cuda_graphs:
+            import torch
+
             torch.compiler.cudagraph_mark_step_begin()
 
 
@@ -166,6 +174,8 @@ def prepare(config: CompileConfig, components: Any, scheduler: str | None = None
     In place (on `components`): attention processors, fused QKV, channels_last. torch.compile
     wraps without changing the modules; compilation itself happens on the first call.
     """
+    import torch
+
     from hpcwalk.kernels.decode_postprocess import decode_postprocess, reference
 
     # 1. validate against the device

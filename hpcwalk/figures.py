@@ -20,11 +20,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from hpcwalk import interp
 from hpcwalk.runindex import RunIndex, evenly_spaced, iter_images
 
 COLORS = {"linear": "#d62728", "normalized": "#1f77b4", "slerp": "#2ca02c"}
@@ -103,6 +101,10 @@ def trajectory_figure(path: str, seed: int = 24, n: int = 101) -> Trajectories:
     The default seed draws a pair about 139 degrees apart with norms 1.35 and 1.55, where the methods
     differ visibly (nearby pairs give three nearly identical paths).
     """
+    import torch  # here, not at import: the viewer and `hpcwalk view` start without torch
+
+    from hpcwalk import interp
+
     g = torch.Generator("cpu").manual_seed(seed)
     a, b = torch.randn(2, 2, generator=g, dtype=torch.float64)  # two points of a 2-D normal
     gamma = torch.linspace(0, 1, n, dtype=torch.float64)

@@ -11,8 +11,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-METHODS = ("linear", "normalized", "slerp")
-TEXT_METHODS = ("linear", "slerp")
+from hpcwalk.job import METHODS, TEXT_METHODS  # the names live with the job schema (torch-free)
+
 SLERP_DOT_THRESHOLD = 0.9995
 
 Batch = Union[Tensor, Sequence[float], float]

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from hpcwalk.compile import CompileConfig
-from hpcwalk.interp import METHODS, TEXT_METHODS
+
+METHODS = ("linear", "normalized", "slerp")  # latent interpolation (hpcwalk.interp implements them)
+TEXT_METHODS = ("linear", "slerp")  # text-embedding interpolation
 
 WALK_KINDS = ("latent", "text", "translate", "mix", "std", "prompts")
 DTYPES = ("float32", "float16", "bfloat16")

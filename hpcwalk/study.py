@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hpcwalk import metrics
-from hpcwalk.interp import METHODS
+from hpcwalk.job import METHODS
 from hpcwalk.job import JobError, RenderJob, parse_job, plan, read_toml
 
 STUDY_KEYS = {"prompt", "prompts", "pairs", "first_seed", "methods", "frames", "bootstrap", "confidence"}
