@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny model is built once per session (random weights, CPU)."""
+"""Shared fixtures: the tiny model is built once per session (random weights, CPU); a test module's
+`JOB` text (see jobs.py) is written, loaded and given a Renderer once per module."""
 
 from __future__ import annotations
 
@@ -30,6 +31,30 @@ def tiny_job():
     from hpcwalk.job import load_job
 
     return load_job(os.path.join(os.path.dirname(__file__), "..", "examples", "quickstart.toml")).with_overrides(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def job_file(request, tmp_path_factory) -> str:
+    """The test module's `JOB` (TOML text, built with jobs.tiny_job_toml) written to a file."""
+    p = tmp_path_factory.mktemp("job") / "job.toml"
+    p.write_text(request.module.JOB)
+    return str(p)
+
+
+@pytest.fixture(scope="module")
+def job(job_file):
+    """The test module's `JOB`, loaded (RenderJob)."""
+    from hpcwalk.job import load_job
+
+    return load_job(job_file)
+
+
+@pytest.fixture(scope="module")
+def renderer(job):
+    """A Renderer for the test module's `JOB`, shared by its tests."""
+    from hpcwalk.engine import Renderer
+
+    return Renderer.from_job(job)
 
 
 def pytest_collection_modifyitems(config, items):

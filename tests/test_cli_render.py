@@ -14,34 +14,13 @@ from typer.testing import CliRunner
 
 from hpcwalk.cli import app
 from hpcwalk.store import committed_files, read_frames
+from jobs import cat_walk, tiny_job_toml, walk
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = """
-[model]
-id = "tiny"
-[sampling]
-steps = 4
-height = 64
-width = 64
-[render]
-batch_size = 4
-device = "cpu"
-[output]
-shard_size = 5
-[[walk]]
-name = "w"
-kind = "latent"
-prompt = "a cat"
-seeds = [1, 2]
-methods = ["linear", "slerp"]
-frames = 6
-[[walk]]
-name = "t"
-kind = "translate"
-prompt = "a dog"
-seeds = [3, 4]
-stride = 4
-"""
+SMALL = tiny_job_toml(
+    cat_walk(methods=["linear", "slerp"], frames=6),
+    walk("t", "translate", prompt="a dog", seeds=[3, 4], stride=4),
+    batch_size=4, shard_size=5)
 
 
 @pytest.fixture
@@ -137,18 +116,17 @@ def test_bad_inputs_exit_2_one_line_nothing_written(small_job, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[model\n")
     _assert_bad(invoke("render", str(bad), "--out", str(out)), "malformed TOML", out)
-    bad.write_text(SMALL.replace("frames = 6", "frames = 6\nframs = 2"))
-    _assert_bad(invoke("render", str(bad), "--out", str(out)), "did you mean 'frames'", out)
-    bad.write_text(SMALL.replace('methods = ["linear", "slerp"]', 'methods = ["cubic"]'))
-    _assert_bad(invoke("render", str(bad), "--out", str(out)), "unknown value 'cubic'", out)
-    bad.write_text(SMALL.replace('kind = "translate"', 'kind = "rotate"'))
-    _assert_bad(invoke("render", str(bad), "--out", str(out)), "unknown value 'rotate'", out)
-    bad.write_text(SMALL.replace("frames = 6", "frames = 1"))
-    _assert_bad(invoke("render", str(bad), "--out", str(out)), "frames must be >= 2", out)
-    bad.write_text(SMALL.replace("seeds = [1, 2]", "seeds = [1]"))
-    _assert_bad(invoke("render", str(bad), "--out", str(out)), "at least 2 seeds", out)
-    bad.write_text(SMALL.replace("width = 64", "width = 60"))
-    _assert_bad(invoke("render", str(bad), "--out", str(out)), "multiple of 8", out)
+    for line, edited, needle in [  # SMALL with `line` replaced by `edited`
+        ("frames = 6", "frames = 6\nframs = 2", "did you mean 'frames'"),
+        ('methods = ["linear", "slerp"]', 'methods = ["cubic"]', "unknown value 'cubic'"),
+        ('kind = "translate"', 'kind = "rotate"', "unknown value 'rotate'"),
+        ("frames = 6", "frames = 1", "frames must be >= 2"),
+        ("seeds = [1, 2]", "seeds = [1]", "at least 2 seeds"),
+        ("width = 64", "width = 60", "multiple of 8"),
+    ]:
+        assert line in SMALL
+        bad.write_text(SMALL.replace(line, edited))
+        _assert_bad(invoke("render", str(bad), "--out", str(out)), needle, out)
     _assert_bad(invoke("render", str(small_job), "--out", str(out), "--model", str(tmp_path / "no-such-model")),
                 "no model_index.json", out)
     _assert_bad(invoke("render", str(small_job), "--out", str(out), "--model", str(tmp_path / "w.safetensors")),

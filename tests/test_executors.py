@@ -20,42 +20,12 @@ from hpcwalk.executors import (
     render_shard,
     run_render,
 )
-from hpcwalk.job import FrameRow, RenderJob, load_job, plan, shard
+from hpcwalk.job import FrameRow, plan, shard
 from hpcwalk.ray_executor import WorkerPlan, plan_workers, worker_job
 from hpcwalk.store import ShardStore, committed_shards, read_frames
+from jobs import cat_walk, tiny_job_toml
 
-JOB = """
-[model]
-id = "tiny"
-[sampling]
-steps = 3
-height = 64
-width = 64
-[render]
-batch_size = 2
-device = "cpu"
-[output]
-shard_size = 2
-[[walk]]
-name = "w"
-kind = "latent"
-prompt = "a cat"
-seeds = [1, 2]
-methods = ["slerp"]
-frames = 6
-"""
-
-
-@pytest.fixture(scope="module")
-def job(tmp_path_factory) -> RenderJob:
-    p = tmp_path_factory.mktemp("job") / "job.toml"
-    p.write_text(JOB)
-    return load_job(p)
-
-
-@pytest.fixture(scope="module")
-def renderer(job) -> Renderer:
-    return Renderer.from_job(job)
+JOB = tiny_job_toml(cat_walk(methods=["slerp"], frames=6), steps=3)  # `job`, `renderer`: conftest.py
 
 
 class RaisingRenderer:

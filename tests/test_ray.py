@@ -1,14 +1,14 @@
 """RayExecutor on a real local Ray instance (2 CPUs, 4 logical GPUs): equality with the local
 executor, GPU placement, a worker killed mid-run, failures reported, the driver killed and resumed.
 
-One Ray instance for the module; every run uses the tiny model with 2 workers.
+One Ray instance for the module; every run uses the tiny model with 2 workers, on `JOB` (the
+`job_file`, `job` fixtures: conftest.py).
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -21,37 +21,18 @@ import torch
 
 from hpcwalk.engine import Renderer
 from hpcwalk.executors import ExecutorError, ExecutorOptions, run_render
-from hpcwalk.job import FrameRow, RenderJob, load_job, plan, shard
+from hpcwalk.job import FrameRow, RenderJob, plan, shard
 from hpcwalk.ray_executor import RayExecutor
 from hpcwalk.store import ShardStore, committed_shards, read_frames, run_metadata
+from jobs import cat_walk, sigkill_render, tiny_job_toml, walk
 
 pytestmark = pytest.mark.ray
 
-JOB = """
-[model]
-id = "tiny"
-[sampling]
-steps = 4
-height = 64
-width = 64
-[render]
-batch_size = 2
-device = "auto"
-[output]
-shard_size = 2
-[[walk]]
-name = "w"
-kind = "latent"
-prompt = "a cat"
-seeds = [1, 2]
-methods = ["slerp"]
-frames = 8
-[[walk]]
-name = "p"
-kind = "prompts"
-seed = 3
-prompts = ["a cat", "a dog", "a lighthouse", "a city at night", "a red car", "a bowl of fruit"]
-"""
+JOB = tiny_job_toml(
+    cat_walk(methods=["slerp"], frames=8),
+    walk("p", "prompts", seed=3,
+         prompts=["a cat", "a dog", "a lighthouse", "a city at night", "a red car", "a bowl of fruit"]),
+    device="auto")
 
 
 @dataclass(frozen=True)
@@ -88,18 +69,6 @@ class FaultyRenderer:
                 open(flag, "w").close()
                 time.sleep(3600)
         return self.inner.render(rows, on_batch)
-
-
-@pytest.fixture(scope="module")
-def job_file(tmp_path_factory) -> str:
-    p = tmp_path_factory.mktemp("job") / "job.toml"
-    p.write_text(JOB)
-    return str(p)
-
-
-@pytest.fixture(scope="module")
-def job(job_file) -> RenderJob:
-    return load_job(job_file)
 
 
 @pytest.fixture(scope="module")
@@ -251,17 +220,7 @@ def test_driver_sigkill_then_rerun_renders_only_the_rest(cluster, job, job_file,
     """`hpcwalk render --ray HOST:PORT` SIGKILLed after some commits: Ray frees its workers, and a
     rerun renders only the shards without a commit marker."""
     out = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "hpcwalk.cli", "render", job_file, "--out", out, "--no-progress",
-           "--ray", cluster, "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while len(committed_shards(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        proc.kill()
+    sigkill_render(job_file, out, "--ray", cluster, "--workers", "1", poll_s=0.05)
     before = committed_shards(out)
     assert 2 <= len(before) < len(shards), "the driver must die mid-run"
     markers = {i: os.path.getmtime(os.path.join(out, "commits", f"shard-{i:05d}.done.json")) for i in before}

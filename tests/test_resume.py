@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pyarrow as pa
 import pytest
@@ -16,43 +12,12 @@ import torch
 from typer.testing import CliRunner
 
 from hpcwalk.cli import app
-from hpcwalk.engine import Renderer
 from hpcwalk.executors import run_render
-from hpcwalk.job import RenderJob, load_job, plan, shard
+from hpcwalk.job import plan, shard
 from hpcwalk.store import committed_shards, read_frames
+from jobs import cat_walk, sigkill_render, tiny_job_toml
 
-JOB = """
-[model]
-id = "tiny"
-[sampling]
-steps = 4
-height = 64
-width = 64
-[render]
-batch_size = 2
-device = "cpu"
-[output]
-shard_size = 2
-[[walk]]
-name = "w"
-kind = "latent"
-prompt = "a cat"
-seeds = [1, 2]
-methods = ["linear", "slerp"]
-frames = 6
-"""
-
-
-@pytest.fixture(scope="module")
-def job_file(tmp_path_factory) -> str:
-    p = tmp_path_factory.mktemp("job") / "job.toml"
-    p.write_text(JOB)
-    return str(p)
-
-
-@pytest.fixture(scope="module")
-def job(job_file) -> RenderJob:
-    return load_job(job_file)
+JOB = tiny_job_toml(cat_walk(methods=["linear", "slerp"], frames=6))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,11 +28,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def renderer(job) -> Renderer:
-    return Renderer.from_job(job)
 
 
 def _frames(out: str) -> pa.Table:
@@ -82,17 +42,7 @@ def test_sigkilled_driver_resumes_with_only_the_rest(job, job_file, renderer, tm
     shards = shard(plan(job), job.output.shard_size)
     out = str(tmp_path / "run")
     # 1. the driver is SIGKILLed once some shards are committed
-    proc = subprocess.Popen([sys.executable, "-m", "hpcwalk.cli", "render", job_file, "--out", out, "--no-progress"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.monotonic() + 240
-        while len(committed_shards(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        proc.kill()
+    sigkill_render(job_file, out, poll_s=0.02, env={**os.environ, "OMP_NUM_THREADS": "1"})
     before = committed_shards(out)
     assert 2 <= len(before) < len(shards) - 1, "the driver must die mid-run"
     first = _marker_times(out, before)

@@ -14,35 +14,14 @@ from typer.testing import CliRunner
 
 from hpcwalk.cli import app
 from hpcwalk.clip import CLIP_PRESETS, load_clip
+from jobs import tiny_job_toml, walk
 
-JOB = """
-[model]
-id = "tiny"
-[sampling]
-steps = 2
-guidance = 1.0
-height = 64
-width = 64
-[render]
-batch_size = 4
-device = "cpu"
-[output]
-shard_size = 4
-[[walk]]
-name = "seeds"
-kind = "latent"
-prompt = "A high resolution photo of a cat"
-seeds = [1, 2]
-methods = ["linear", "slerp"]
-frames = 3
-[[walk]]
-name = "cat-to-dog"
-kind = "text"
-prompts = ["A high resolution photo of a cat", "A high resolution photo of a dog"]
-seed = 1
-methods = ["slerp"]
-frames = 3
-"""
+JOB = tiny_job_toml(
+    walk("seeds", "latent", prompt="A high resolution photo of a cat", seeds=[1, 2], methods=["linear", "slerp"],
+         frames=3),
+    walk("cat-to-dog", "text", prompts=["A high resolution photo of a cat", "A high resolution photo of a dog"],
+         seed=1, methods=["slerp"], frames=3),
+    steps=2, guidance=1.0, batch_size=4, shard_size=4)
 
 
 @pytest.fixture(scope="module")

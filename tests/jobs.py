@@ -1,0 +1,70 @@
+"""Small job files for the render tests: the TOML text of a job on the built-in tiny model, built from
+the few values the tests vary, and its [[walk]] tables; and `hpcwalk render` SIGKILLed mid-run.
+
+    JOB = tiny_job_toml(cat_walk(methods=["slerp"], frames=6), steps=3)
+
+The defaults (4 steps, 64x64, batch 2, device "cpu", shards of 2) are the common case; a test passes
+what differs, and the walks' frame counts, seeds and prompts at the call site. The `job_file`, `job`
+and `renderer` fixtures in conftest.py write and load a test module's `JOB`.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from hpcwalk.store import committed_shards
+
+
+def _value(v) -> str:
+    """A TOML value: strings quoted, lists inline, numbers as Python writes them."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def walk(name: str, kind: str, **fields) -> str:
+    """One [[walk]] table: `name`, `kind`, then `fields` in the order given."""
+    lines = ["[[walk]]", f"name = {_value(name)}", f"kind = {_value(kind)}"]
+    lines += [f"{k} = {_value(v)}" for k, v in fields.items()]
+    return "\n".join(lines) + "\n"
+
+
+def cat_walk(methods: Sequence[str], frames: int) -> str:
+    """The latent walk "w" most render tests use: "a cat" between seeds 1 and 2."""
+    return walk("w", "latent", prompt="a cat", seeds=[1, 2], methods=list(methods), frames=frames)
+
+
+def tiny_job_toml(*walks: str, steps: int = 4, guidance: float | None = None, size: int = 64,
+                  batch_size: int = 2, device: str = "cpu", shard_size: int = 2) -> str:
+    """A job on the tiny model rendering `walks` (tables from `walk`) at size x size pixels."""
+    sampling = [f"steps = {steps}"] + ([] if guidance is None else [f"guidance = {_value(guidance)}"])
+    head = ["", "[model]", 'id = "tiny"', "[sampling]", *sampling, f"height = {size}", f"width = {size}",
+            "[render]", f"batch_size = {batch_size}", f"device = {_value(device)}",
+            "[output]", f"shard_size = {shard_size}"]
+    return "\n".join(head) + "\n" + "".join(walks)
+
+
+def sigkill_render(job_file: str, out: str, *flags: str, poll_s: float, commits: int = 2,
+                   env: dict[str, str] | None = None) -> None:
+    """Run `hpcwalk render job_file --out out --no-progress *flags` in a subprocess and SIGKILL it once
+    `out` holds `commits` committed shards (or it has exited, or 240 s have passed), polling every
+    `poll_s` seconds; returns once it is dead."""
+    cmd = [sys.executable, "-m", "hpcwalk.cli", "render", job_file, "--out", out, "--no-progress", *flags]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while len(committed_shards(out)) < commits and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(poll_s)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
