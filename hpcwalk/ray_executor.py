@@ -246,6 +246,13 @@ class RayExecutor:
             ray.init(address=None if addr == RAY_DEFAULT else addr, include_dashboard=False,
                      logging_level="WARNING")
         except (ConnectionError, ValueError, RuntimeError) as e:
+            if _auth_failure(e):
+                mode = os.environ.get("RAY_AUTH_MODE", "") or "unset"
+                raise ExecutorError(
+                    f"cannot connect to Ray ({addr}): the cluster refused this driver's authentication token "
+                    f"(RAY_AUTH_MODE is {mode}); Ray 2.59+ starts clusters with token authentication: export "
+                    "RAY_AUTH_MODE=token here and give it the head's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or "
+                    "~/.ray/auth_token; `ray get-auth-token` on the head prints it)") from None
             raise ExecutorError(f"cannot connect to Ray ({addr}): {str(e).splitlines()[0]}; start a head with "
                                 "`ray start --head`, or fix --ray") from None
         self._owns_ray = True
@@ -418,6 +425,17 @@ def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
     except OSError as e:
         raise ExecutorError(f"cannot reach the Ray head at {address} ({e.strerror or e}): start it with "
                             "`ray start --head` on that host, or fix --ray") from None
+
+
+def _auth_failure(e: BaseException) -> bool:
+    """True when a failed ray.init was refused for its token (the reason sits in the chained errors)."""
+    seen: BaseException | None = e
+    while seen is not None:
+        text = f"{type(seen).__name__} {seen}"
+        if "AuthenticationError" in text or "InvalidAuthToken" in text or "Unauthenticated" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _resources(res: dict[str, float]) -> str:
