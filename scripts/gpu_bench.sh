@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check and benchmark sweep for a bare one-GPU machine without network, in under 9.5 minutes.
+# The GPU check and benchmark sweep for a bare one-GPU machine without network, in under 8 minutes.
 #
 #   bash scripts/gpu_bench.sh --prepare   # HERE, with network: download the wheels the GPU machine lacks
 #                                         # (diffusers, open_clip and their missing needs) into wheelhouse/
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
 WHEELS="$ROOT/wheelhouse"
 PY="${PYTHON:-python3}"
-BUDGET_S="${GPU_BENCH_BUDGET_S:-540}"  # 9 minutes: call it with timeout_s >= 570
+BUDGET_S="${GPU_BENCH_BUDGET_S:-450}"  # the issue asks for under 8 minutes; each step is cut to what is left
 START=$(date +%s)
 
 # --- 0. --prepare: wheels for the GPU image (Python 3.12, x86-64), pinned to what this checkout uses

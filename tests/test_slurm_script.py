@@ -108,8 +108,9 @@ def test_driver_without_the_clusters_token_is_refused_with_the_fix(shims, tmp_pa
         job = tmp_path / "job.toml"
         job.write_text(tiny_job_toml(cat_walk(methods=["slerp"], frames=2)))
         out = tmp_path / "run"
+        driver_env = {**shims, "RAY_gcs_server_port_wait_time_s": "2"}  # Ray retries ~20 s by default: 2 here
         proc = subprocess.run([sys.executable, "-m", "hpcwalk.cli", "render", str(job), "--out", str(out),
-                               "--ray", f"127.0.0.1:{port}", "--no-progress"], env=shims,
+                               "--ray", f"127.0.0.1:{port}", "--no-progress"], env=driver_env,
                               capture_output=True, text=True, timeout=180)
         assert proc.returncode == 2, proc.stderr[-2000:]
         last = proc.stderr.strip().splitlines()[-1]
