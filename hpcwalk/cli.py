@@ -137,7 +137,7 @@ def render(
                                                 batch_size=batch_size, shard_size=shard_size,
                                                 compile_mode=compile_mode, attention=attention)
         check_render_device(job, executor)
-        check_job_clip(job)  # CLIP names, tags and cached weights (ClipLoadError is a ModelLoadError)
+        check_job_clip(job, here=executor.ray is None)  # names, tags; weights where frames render (ClipLoadError)
         mode = preflight(out, job, overwrite)
     except (JobError, StoreError, ModelLoadError, CompileError) as e:
         _fail(str(e))
@@ -280,7 +280,7 @@ def study(
                                                                batch_size=batch_size, compile_mode=compile_mode,
                                                                attention=attention))
         check_render_device(st.job, executor)  # with --ray, device and dtype are checked on the workers
-        check_job_clip(st.job)
+        check_job_clip(st.job, here=executor.ray is None)
         mode = preflight(out, st.job, overwrite)
     except (JobError, StoreError, ModelLoadError, CompileError) as e:
         _fail(str(e))

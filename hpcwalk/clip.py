@@ -45,8 +45,11 @@ class ClipLoadError(ModelLoadError):
 # ---------------------------------------------------------------------------------------------
 
 
-def check_clip(model: str, pretrained: str) -> str:
-    """Validate a CLIP model / tag pair without loading it; returns the weights file ('' if none)."""
+def check_clip(model: str, pretrained: str, here: bool = True) -> str:
+    """Validate a CLIP model / tag pair without loading it; returns the weights file ('' if none).
+
+    `here=False` (a Ray driver: the weights are the workers' business) checks names and tags only:
+    folders, weights files and the local cache are checked by each worker when it loads the model."""
     import open_clip
 
     if model in BUILTIN_CLIP:
@@ -55,7 +58,7 @@ def check_clip(model: str, pretrained: str) -> str:
         return ""
     if model.startswith("local-dir:"):
         folder = Path(model[len("local-dir:"):]).expanduser()
-        if not (folder / "open_clip_config.json").is_file():
+        if here and not (folder / "open_clip_config.json").is_file():
             raise ClipLoadError(f"CLIP model {model!r}: {folder} has no open_clip_config.json; pass a folder "
                                 "saved in open_clip's layout (config + weights)")
         return ""
@@ -67,12 +70,14 @@ def check_clip(model: str, pretrained: str) -> str:
     if Path(pretrained).expanduser().is_file():
         return str(Path(pretrained).expanduser())
     cfg = open_clip.get_pretrained_cfg(model, pretrained)
+    if not cfg and not here and ("/" in pretrained or pretrained.startswith("~")):
+        return ""  # a weights file path: it must exist where the workers run, not here
     if not cfg:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none known"
         raise ClipLoadError(f"CLIP weights tag {pretrained!r} is unknown for {model!r} (tags: {tags}); "
                             "or pass a weights file path, or \"none\" for random weights")
     path = cached_weights(cfg)
-    if not path:
+    if not path and here:
         raise ClipLoadError(
             f"CLIP weights {model}/{pretrained} are not in the local cache and cannot be downloaded here: on a "
             f"machine with network run python -c \"import open_clip; open_clip.create_model('{model}', "
@@ -166,10 +171,11 @@ def load_scorers(job: RenderJob, device: str | torch.device, dtype: torch.dtype)
     return [load_clip(m, p, device, dtype, prefix) for prefix, m, p in job.clip.models(job.model.id)]
 
 
-def check_job_clip(job: RenderJob) -> None:
-    """Everything about the job's CLIP models that can fail before loading, checked now."""
+def check_job_clip(job: RenderJob, here: bool = True) -> None:
+    """Everything about the job's CLIP models that can fail before loading, checked now (`here=False`
+    on a Ray driver: names and tags only; the workers check their own weights when they start)."""
     for _, m, p in job.clip.models(job.model.id):
-        check_clip(m, p)
+        check_clip(m, p, here)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -172,3 +172,23 @@ def test_cached_weights_are_found_in_a_hugging_face_cache_without_network(tmp_pa
     assert cached_weights(cfg, hf_cache=str(tmp_path)) == str(snap / "open_clip_pytorch_model.bin")
     (snap / "open_clip_model.safetensors").write_bytes(b"x")  # open_clip prefers safetensors
     assert cached_weights(cfg, hf_cache=str(tmp_path)) == str(snap / "open_clip_model.safetensors")
+
+
+def test_ray_driver_checks_clip_names_not_this_machines_weights(monkeypatch, tmp_path):
+    """On a Ray driver (`here=False`) the weights cache, weights files and local-dir folders belong to
+    the workers and are not checked; names and tags still are. Here (`here=True`) all of it is."""
+    import hpcwalk.clip as hc
+
+    monkeypatch.setattr(hc, "cached_weights", lambda cfg, hf_cache=None: "")  # nothing cached on this machine
+    with pytest.raises(ClipLoadError, match="not in the local cache"):
+        check_clip("ViT-L-14", "openai")
+    assert check_clip("ViT-L-14", "openai", here=False) == ""
+    missing = f"local-dir:{tmp_path / 'nope'}"
+    with pytest.raises(ClipLoadError, match="no open_clip_config.json"):
+        check_clip(missing, "none")
+    assert check_clip(missing, "none", here=False) == ""
+    assert check_clip("ViT-L-14", "/models/vit-l-14.bin", here=False) == ""  # a file on the workers
+    with pytest.raises(ClipLoadError, match="tag 'opneai' is unknown"):
+        check_clip("ViT-L-14", "opneai", here=False)
+    with pytest.raises(ClipLoadError, match="not an open_clip architecture"):
+        check_clip("ViT-Q-99", "none", here=False)
