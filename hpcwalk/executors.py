@@ -240,11 +240,21 @@ class LocalExecutor:
                 if on_result:
                     on_result(results[-1])
 
-        # shard k is encoded and written on a background thread while shard k + 1 renders
+        # shard k is encoded and written on a background thread while shard k + 1 renders; its result
+        # is reported at the first micro-batch boundary after the write finished, on this thread
+        pending: Future | None = None
+
+        def on_batch(n: int) -> None:
+            nonlocal pending
+            if pending is not None and pending.done():
+                collect(pending)
+                pending = None
+            if progress:
+                progress(n)
+
         with ThreadPoolExecutor(1, thread_name_prefix="hpcwalk-commit") as bg:
-            pending: Future | None = None
             for s in shards:
-                rendered = render_rows(self.renderer, s, progress)
+                rendered = render_rows(self.renderer, s, on_batch)
                 collect(pending)
                 pending = bg.submit(commit_shard, rendered, job, s, store, self.pool)
             collect(pending)

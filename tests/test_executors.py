@@ -173,3 +173,44 @@ def test_retried_shard_overwrites_only_its_own_leftover(job, renderer, tmp_path)
     assert LocalExecutor(renderer).run(job, shards[:1], store)[0].status == "committed"
     ids = read_frames(str(tmp_path / "run")).column("frame_id").to_pylist()
     assert sorted(ids) == sorted(r.frame_id for r in shards[0].rows)
+
+
+class SlowSecondBatch:
+    """The real renderer, reporting two progress steps per shard; from the second shard on, the
+    second step waits until the previous shard's commit marker is on disk (then a little more)."""
+
+    def __init__(self, inner: Renderer, out: str):
+        self.inner, self.out, self.c, self.device = inner, out, inner.c, inner.device
+        self.shard = -1
+
+    def render(self, rows: list[FrameRow], on_batch=None):
+        import time
+
+        self.shard += 1
+        result = self.inner.render(rows)
+        on_batch(len(rows) - 1)
+        deadline = time.monotonic() + 30
+        while self.shard and self.shard - 1 not in committed_shards(self.out) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # the commit's future completes right after its marker is written
+        on_batch(1)
+        return result
+
+
+def test_local_executor_reports_a_commit_at_the_next_batch_boundary(job, renderer, tmp_path):
+    """Shard k is written while shard k + 1 renders; its result is reported as soon as the write is done
+    (at the next micro-batch), not only after shard k + 1 has finished rendering."""
+    out = str(tmp_path / "run")
+    shards = shard(plan(job), job.output.shard_size)
+    events: list[tuple[str, int]] = []
+    fake = SlowSecondBatch(renderer, out)
+    ex = LocalExecutor(renderer=fake)
+    try:
+        results = ex.run(job, shards, ShardStore(out, job), progress=lambda n: events.append(("batch", fake.shard)),
+                         on_result=lambda r: events.append(("committed", r.shard)))
+    finally:
+        ex.close()
+    assert [r.status for r in results] == ["committed"] * len(shards) and [r.shard for r in results] == [0, 1, 2]
+    # shard 0's result comes before shard 1's second (last) batch, shard 1's before shard 2's
+    assert events.index(("committed", 0)) < len(events) - 1 - events[::-1].index(("batch", 1))
+    assert events.index(("committed", 1)) < len(events) - 1 - events[::-1].index(("batch", 2))
