@@ -79,16 +79,20 @@ def executor_options(ray: Optional[str], workers: Optional[int], gpus_per_worker
 
 
 def check_render_device(job, executor) -> None:
-    """Model, device, dtype and [compile] checks where the frames will render: here without --ray; with
-    --ray only the model source here (the driver may be a CPU-only head), the rest on each worker while
-    it starts, which still stops the run (exit 2) before anything is written."""
+    """Model, device, dtype, [compile] and CLIP checks where the frames will render: here without --ray;
+    with --ray only the model source and CLIP names and tags here (the driver may be a CPU-only head
+    without the weights), the rest on each worker while it starts, which still stops the run (exit 2)
+    before anything is written."""
+    from hpcwalk.clip import check_job_clip
     from hpcwalk.models import check_model_spec, model_source
 
-    if executor is None or executor.ray is None:
+    here = executor is None or executor.ray is None
+    if here:
         check_model_spec(job.model.id, job.render.dtype, job.render.device)
         check_speed(job)  # [compile] choices that cannot run on this device (CompileError)
     else:
         model_source(job.model.id)
+    check_job_clip(job, here)  # ClipLoadError is a ModelLoadError
 
 
 def expand_ray_flag(argv: list[str]) -> list[str]:
@@ -125,7 +129,6 @@ def render(
     A rerun with the same job resumes: committed shards are skipped. Exit codes: 0 all shards
     committed, 1 some shard failed (listed; committed shards stay), 2 bad input (nothing written).
     """
-    from hpcwalk.clip import check_job_clip
     from hpcwalk.job import load_job, plan, shard
     from hpcwalk.models import ModelLoadError
     from hpcwalk.store import StoreError, preflight
@@ -137,7 +140,6 @@ def render(
                                                 batch_size=batch_size, shard_size=shard_size,
                                                 compile_mode=compile_mode, attention=attention)
         check_render_device(job, executor)
-        check_job_clip(job, here=executor.ray is None)  # names, tags; weights where frames render (ClipLoadError)
         mode = preflight(out, job, overwrite)
     except (JobError, StoreError, ModelLoadError, CompileError) as e:
         _fail(str(e))
@@ -264,7 +266,6 @@ def study(
     """
     import dataclasses
 
-    from hpcwalk.clip import check_job_clip
     from hpcwalk.executors import ExecutorError
     from hpcwalk.models import ModelLoadError
     from hpcwalk.store import StoreError, preflight
@@ -279,8 +280,7 @@ def study(
         st = dataclasses.replace(st, job=st.job.with_overrides(model=model, device=device, dtype=dtype,
                                                                batch_size=batch_size, compile_mode=compile_mode,
                                                                attention=attention))
-        check_render_device(st.job, executor)  # with --ray, device and dtype are checked on the workers
-        check_job_clip(st.job, here=executor.ray is None)
+        check_render_device(st.job, executor)  # with --ray, device, dtype and weights are checked on the workers
         mode = preflight(out, st.job, overwrite)
     except (JobError, StoreError, ModelLoadError, CompileError) as e:
         _fail(str(e))
