@@ -1,5 +1,6 @@
 """Small job files for the render tests: the TOML text of a job on the built-in tiny model, built from
-the few values the tests vary, and its [[walk]] tables; and `hpcwalk render` SIGKILLed mid-run.
+the few values the tests vary, and its [[walk]] tables; `hpcwalk render` SIGKILLed mid-run; and
+two helpers for comparing rendered frames (`pick_rows`, `max_abs_diff`).
 
     JOB = tiny_job_toml(cat_walk(methods=["slerp"], frames=6), steps=3)
 
@@ -68,3 +69,19 @@ def sigkill_render(job_file: str, out: str, *flags: str, poll_s: float, commits:
         proc.wait(30)
     finally:
         proc.kill()
+
+
+def pick_rows(job, frame_ids: Sequence[str]) -> list:
+    """The job's plan rows with these frame ids, in the order given."""
+    from hpcwalk.job import plan
+
+    by_id = {r.frame_id: r for r in plan(job)}
+    return [by_id[f] for f in frame_ids]
+
+
+def max_abs_diff(a, b) -> int:
+    """Largest per-pixel difference between two uint8 frame arrays of the same shape."""
+    import numpy as np
+
+    assert a.shape == b.shape
+    return int(np.abs(a.astype(int) - b.astype(int)).max())

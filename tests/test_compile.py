@@ -13,22 +13,17 @@ import torch
 
 from hpcwalk.compile import CompileConfig, CompileError, prepare
 from hpcwalk.engine import Renderer
-from hpcwalk.job import JobError, parse_job, plan
+from hpcwalk.job import JobError, parse_job
 from hpcwalk.kernels.guided_dpm import guided_dpm_step
+from jobs import max_abs_diff, pick_rows
 
 BOUND = 1
 PICKS = ["seeds/slerp/00005", "cat-to-dog/linear/00002", "std-sweep/std/00001"]
 
 
-def _diff(a: np.ndarray, b: np.ndarray) -> int:
-    assert a.shape == b.shape
-    return int(np.abs(a.astype(int) - b.astype(int)).max())
-
-
 @pytest.fixture(scope="module")
 def rows(tiny_job):
-    by_id = {r.frame_id: r for r in plan(tiny_job)}
-    return [by_id[f] for f in PICKS]
+    return pick_rows(tiny_job, PICKS)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +139,7 @@ def test_fused_step_equals_scheduler_path(tiny, tiny_job, rows, eager, monkeypat
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out = Renderer(tiny, tiny_job.sampling, batch_size=3, compile=CompileConfig(step="fused")).render(rows)
     assert guided_dpm_step.last_path == "torch"
-    d = _diff(out.images, eager)
+    d = max_abs_diff(out.images, eager)
     print(f"fused step (torch path) vs scheduler: max abs diff {d}")
     assert eager.std() > 5 and d <= BOUND
 
@@ -157,7 +152,7 @@ def test_fused_kernels_in_the_interpreter_equal_scheduler_path(tiny, tiny_job, r
     speed = CompileConfig(step="fused", postprocess="fused")
     out = Renderer(tiny, tiny_job.sampling, batch_size=3, compile=speed).render(rows)
     assert guided_dpm_step.last_path == "interpreter" and decode_postprocess.last_path == "interpreter"
-    d = _diff(out.images, eager)
+    d = max_abs_diff(out.images, eager)
     print(f"fused step + post-processing (interpreter) vs scheduler: max abs diff {d}")
     assert d <= BOUND
 
@@ -166,7 +161,7 @@ def test_fused_step_without_guidance(tiny, tiny_job, rows):
     sampling = dataclasses.replace(tiny_job.sampling, guidance=1.0, steps=12)  # no CFG; < 15 steps
     a = Renderer(tiny, sampling, batch_size=3).render(rows).images
     b = Renderer(tiny, sampling, batch_size=3, compile=CompileConfig(step="fused")).render(rows).images
-    assert _diff(a, b) <= BOUND
+    assert max_abs_diff(a, b) <= BOUND
 
 
 def test_compiled_renderer_equals_eager(tiny, tiny_job, rows):
@@ -177,7 +172,7 @@ def test_compiled_renderer_equals_eager(tiny, tiny_job, rows):
     r = Renderer(tiny, sampling, batch_size=3, compile=CompileConfig(mode="default", scope="unet"))
     assert r.speed.unet is not tiny.unet  # really wrapped
     out = r.render(rows)
-    d = _diff(out.images, base)
+    d = max_abs_diff(out.images, base)
     print(f"compiled (default, unet) vs eager: max abs diff {d}; render incl. compile {out.timings['render_s']:.1f} s")
     assert base.std() > 5 and d <= BOUND
 
@@ -208,7 +203,7 @@ def test_nan_guard_redecodes_overflowing_frames_in_float32(tiny, tiny_job):
     raw = half.vae.decode(z.half() / 0.18215, return_dict=False)[0]
     assert not torch.isfinite(raw[1]).all(), "the fp16 decode did not overflow: the test proves nothing"
     ref = Renderer(dataclasses.replace(tiny, vae=vae), tiny_job.sampling, 3).decode(z)
-    assert _diff(frames.numpy(), ref.numpy()) <= BOUND
+    assert max_abs_diff(frames.numpy(), ref.numpy()) <= BOUND
 
 
 def test_render_records_the_guard_column(tiny, tiny_job, rows):

@@ -13,7 +13,7 @@ import torch
 
 from hpcwalk.compile import CompileConfig, CompileError
 from hpcwalk.engine import Renderer
-from hpcwalk.job import plan
+from jobs import max_abs_diff, pick_rows
 
 pytestmark = pytest.mark.gpu
 BOUND = 1
@@ -29,18 +29,12 @@ def cuda_tiny():
 
 @pytest.fixture(scope="module")
 def rows(tiny_job):
-    by_id = {r.frame_id: r for r in plan(tiny_job)}
-    return [by_id[f] for f in PICKS]
+    return pick_rows(tiny_job, PICKS)
 
 
 @pytest.fixture(scope="module")
 def plain(cuda_tiny, tiny_job, rows):
     return Renderer(cuda_tiny, tiny_job.sampling, batch_size=4).render(rows).images
-
-
-def _diff(a: np.ndarray, b: np.ndarray) -> int:
-    assert a.shape == b.shape
-    return int(np.abs(a.astype(int) - b.astype(int)).max())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +86,7 @@ def test_guided_step_kernel_on_cuda(dtype):
 def test_fused_paths_equal_plain_path_on_cuda(cuda_tiny, tiny_job, rows, plain):
     speed = CompileConfig(step="fused", postprocess="fused")
     out = Renderer(cuda_tiny, tiny_job.sampling, batch_size=4, compile=speed).render(rows).images
-    d = _diff(out, plain)
+    d = max_abs_diff(out, plain)
     print(f"fused (triton) vs plain, float32 CUDA: max abs diff {d}")
     assert plain.std() > 5 and d <= BOUND
 
@@ -102,7 +96,7 @@ def test_cuda_graphs_renderer_equals_plain(cuda_tiny, tiny_job, rows, plain):
     r = Renderer(cuda_tiny, tiny_job.sampling, batch_size=4, compile=CompileConfig(mode="reduce-overhead"))
     first = r.render(rows).images
     second = r.render(rows).images  # replays, no recompilation
-    assert _diff(first, plain) <= BOUND and _diff(second, first) == 0
+    assert max_abs_diff(first, plain) <= BOUND and max_abs_diff(second, first) == 0
 
 
 def test_float16_render_has_finite_frames_and_guard_column(tiny_job, rows):
@@ -127,7 +121,7 @@ def test_nan_guard_on_cuda(tiny_job):
     frames, bad = Renderer(half, tiny_job.sampling, 3).decode_guarded(z)
     assert bad.tolist() == [False, True, False]
     ref = Renderer(dataclasses.replace(c, vae=vae), tiny_job.sampling, 3).decode(z)
-    assert _diff(frames.cpu().numpy(), ref.cpu().numpy()) <= BOUND
+    assert max_abs_diff(frames.cpu().numpy(), ref.cpu().numpy()) <= BOUND
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +155,7 @@ def test_cudnn_attention_renders_and_decodes_sd14_vae_attention(tiny_job, rows):
     sdpa = Renderer(half, tiny_job.sampling, batch_size=4).render(rows).images
     cudnn = Renderer(half, tiny_job.sampling, batch_size=4, compile=CompileConfig(attention="cudnn")).render(rows).images
     mean_diff = float(np.abs(cudnn.astype(float) - sdpa.astype(float)).mean())
-    print(f"cudnn vs sdpa attention, float16: mean abs diff {mean_diff:.3f}, max {_diff(cudnn, sdpa)}")
+    print(f"cudnn vs sdpa attention, float16: mean abs diff {mean_diff:.3f}, max {max_abs_diff(cudnn, sdpa)}")
     assert cudnn.std() > 5 and mean_diff < 1.0  # different reduction orders in fp16: small, not bit-equal
     vae = AutoencoderKL(**PRESETS["sd14-random"]["vae"]).to("cuda", torch.float16).eval()
     r = Renderer(dataclasses.replace(half, vae=vae), tiny_job.sampling, batch_size=1, compile=CompileConfig(attention="cudnn"))
