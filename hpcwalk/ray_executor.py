@@ -184,8 +184,7 @@ class RayExecutor:
         self._handles: dict[str, Any] = {}  # name -> actor handle (live or starting)
         self._names: dict[int, str] = {}  # id(handle) -> name
         self._starting: dict[Any, str] = {}  # ready() ref -> name
-        self._running: dict[str, Shard] = {}  # actor id -> shard in flight
-        self._since: dict[str, float] = {}  # actor id -> monotonic time its shard was handed out
+        self._running: dict[str, tuple[Shard, float]] = {}  # actor id -> (shard in flight, monotonic time handed out)
         self._timed_out: dict[str, float] = {}  # actor id -> seconds its shard ran before the worker was killed
         self._next_id = 0
         self._replacements_left = 0
@@ -204,7 +203,7 @@ class RayExecutor:
     def running(self) -> dict[str, int]:
         """Worker name -> index of the shard it is rendering now."""
         by_id = {i.actor_id: n for n, i in self.workers.items()}
-        return {by_id[a]: s.index for a, s in self._running.items() if a in by_id}
+        return {by_id[a]: s.index for a, (s, _) in self._running.items() if a in by_id}
 
     # -- start -----------------------------------------------------------------------------------
 
@@ -304,7 +303,7 @@ class RayExecutor:
         def submit(handle: Any, shard: Shard) -> Any:  # the pool calls this when `handle` is free
             attempts[shard.index] += 1
             actor_id = self.workers[self._names[id(handle)]].actor_id
-            self._running[actor_id], self._since[actor_id] = shard, time.monotonic()
+            self._running[actor_id] = (shard, time.monotonic())
             return handle.render.remote(shard, uri)
 
         def record(r: ShardResult) -> None:
@@ -351,9 +350,8 @@ class RayExecutor:
                 r = ShardResult(shard.index, "failed", len(shard.rows), 0.0, why, who)
             else:
                 actor_id = self.workers[r.worker].actor_id
-                if actor_id in self._running and self._running[actor_id].index == r.shard:
+                if actor_id in self._running and self._running[actor_id][0].index == r.shard:
                     del self._running[actor_id]
-                    self._since.pop(actor_id, None)
             record(r)
         for s in shards:  # left only when no worker is alive and none could be started
             if s.index not in results:
@@ -370,21 +368,24 @@ class RayExecutor:
         if limit is None:
             return
         now = time.monotonic()
-        for actor_id, since in list(self._since.items()):
-            if actor_id in self._running and actor_id not in self._timed_out and now - since > limit:
-                name = next((n for n, i in self.workers.items() if i.actor_id == actor_id), None)
+        for actor_id, (_, since) in list(self._running.items()):
+            if actor_id not in self._timed_out and now - since > limit:
+                name = self._name_of(actor_id)
                 if name is not None and name in self._handles:
                     self._timed_out[actor_id] = now - since
                     ray.kill(self._handles[name], no_restart=True)
+
+    def _name_of(self, actor_id: str | None) -> str | None:
+        """The name of the live worker with this actor id (None if it is not one)."""
+        return next((n for n, i in self.workers.items() if i.actor_id == actor_id), None)
 
     def _lost(self, e: Exception) -> tuple[Shard, str]:
         """The worker behind `e` died: retire it, start a replacement (bounded); return its shard and name."""
         import ray
 
         actor_id = getattr(e, "actor_id", None)
-        shard = self._running.pop(actor_id, None) if actor_id else None
-        self._since.pop(actor_id or "", None)
-        name = next((n for n, i in self.workers.items() if i.actor_id == actor_id), None)
+        shard = self._running.pop(actor_id, (None, 0.0))[0] if actor_id else None
+        name = self._name_of(actor_id)
         if shard is None or name is None:
             raise RuntimeError(f"a Ray worker failed and its shard cannot be told: {_first_line(e)}") from e
         if isinstance(e, ray.exceptions.ActorDiedError):  # gone for good (not just unreachable for a moment)
