@@ -84,6 +84,7 @@ def check_render_device(job, executor) -> None:
     without the weights), the rest on each worker while it starts, which still stops the run (exit 2)
     before anything is written."""
     from hpcwalk.clip import check_job_clip
+    from hpcwalk.framestats import check_job_encoder
     from hpcwalk.models import check_model_spec, model_source
 
     here = executor is None or executor.ray is None
@@ -93,6 +94,7 @@ def check_render_device(job, executor) -> None:
     else:
         model_source(job.model.id)
     check_job_clip(job, here)  # ClipLoadError is a ModelLoadError
+    check_job_encoder(job, here)  # EncoderLoadError too
 
 
 def expand_ray_flag(argv: list[str]) -> list[str]:
@@ -269,7 +271,7 @@ def study(
     from hpcwalk.executors import ExecutorError
     from hpcwalk.models import ModelLoadError
     from hpcwalk.store import StoreError, preflight
-    from hpcwalk.study import load_study, run_study
+    from hpcwalk.study import check_yardsticks, load_study, run_study
 
     # 1. validate everything before any work
     executor = executor_options(ray, workers, gpus_per_worker, retries, shard_timeout)
@@ -281,6 +283,7 @@ def study(
                                                                batch_size=batch_size, compile_mode=compile_mode,
                                                                attention=attention))
         check_render_device(st.job, executor)  # with --ray, device, dtype and weights are checked on the workers
+        check_yardsticks(st)  # LPIPS weights (the analysis runs here), frame size for SSIM
         mode = preflight(out, st.job, overwrite)
     except (JobError, StoreError, ModelLoadError, CompileError) as e:
         _fail(str(e))
@@ -312,7 +315,8 @@ def study(
 @app.command()
 def score(
     run_dir: str = typer.Argument(..., help="A run folder written by `hpcwalk render` or `hpcwalk study`."),
-    clip_model: str = typer.Option(..., "--clip-model", help="open_clip model: tiny-clip, an architecture such as ViT-H-14, or local-dir:/path."),
+    clip_model: Optional[str] = typer.Option(None, "--clip-model", help="open_clip model: tiny-clip, an architecture such as ViT-H-14, or local-dir:/path. Default: the CLIP model the run was rendered with."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Score every frame against this text instead of each row's score_prompt (written to scores/MODEL__TAG__prompt-HASH/)."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Weights: an open_clip tag (e.g. laion2b_s32b_b79k), a weights file, or none (random). Default: none for tiny-clip."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("float32", help=f"CLIP dtype: {', '.join(DTYPES)}."),
@@ -320,16 +324,24 @@ def score(
     overwrite: bool = typer.Option(False, "--overwrite", help="Re-score every shard (otherwise a rerun scores only the rest)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Re-score a run's frames with another CLIP model without re-rendering: writes
-    RUN_DIR/scores/MODEL__TAG/ (frame_id, clip_image, clip_score, clip_score_b), keyed by frame id."""
+    """Re-score a run's frames with another CLIP model or against another text, without re-rendering: writes
+    RUN_DIR/scores/MODEL__TAG[__prompt-HASH]/ (frame_id, score_prompt, clip_image, clip_score, clip_score_b),
+    keyed by frame id."""
     from tqdm import tqdm
 
     from hpcwalk.clip import BUILTIN_CLIP, check_clip
     from hpcwalk.models import ModelLoadError, resolve_device, resolve_dtype
-    from hpcwalk.score import preflight_score, score_run
+    from hpcwalk.score import preflight_score, run_clip_model, score_run
     from hpcwalk.store import StoreError
 
     # 1. validate everything before any work
+    if clip_model is None:
+        if pretrained is not None:
+            _fail("--pretrained needs --clip-model (without both, the run's own CLIP model is used)")
+        try:
+            clip_model, pretrained = run_clip_model(run_dir)
+        except StoreError as e:
+            _fail(str(e))
     if pretrained is None:
         if clip_model not in BUILTIN_CLIP and not clip_model.startswith("local-dir:"):
             _fail(f"--pretrained is needed for {clip_model!r}: an open_clip tag such as openai or "
@@ -341,14 +353,15 @@ def score(
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         check_clip(clip_model, pretrained)
-        out = preflight_score(run_dir, clip_model, pretrained, overwrite)
+        out = preflight_score(run_dir, clip_model, pretrained, overwrite, prompt)
     except (ModelLoadError, StoreError) as e:
         _fail(str(e))
     typer.echo(f"hpcwalk score: {run_dir} with {clip_model}/{pretrained} on {dev} -> {out}", err=True)
     # 2. score the shards not scored yet
     bar = tqdm(unit="frame", disable=not progress, dynamic_ncols=True, file=sys.stderr)
     try:
-        summary = score_run(run_dir, clip_model, pretrained, dev, dt, batch_size, overwrite, progress=bar.update)
+        summary = score_run(run_dir, clip_model, pretrained, dev, dt, batch_size, overwrite, progress=bar.update,
+                            prompt=prompt)
     except (ModelLoadError, StoreError) as e:
         _fail(str(e))
     finally:

@@ -237,8 +237,9 @@ class ClipScorer:
         return torch.stack([self._text[p] for p in prompts])
 
     def score_frames(self, frames: torch.Tensor, rows: Sequence[FrameRow]) -> dict[str, torch.Tensor]:
-        """Per-frame columns for plan rows: scored against each row's prompt and (text walks) prompt_b."""
-        return self.score_prompts(frames, [r.prompt for r in rows], [r.prompt_b for r in rows])
+        """Per-frame columns for plan rows: scored against each row's scoring text (`score_prompt`, by default
+        its generation prompt) and, on text walks, the end prompt's (`score_prompt_b`)."""
+        return self.score_prompts(frames, [r.score_prompt for r in rows], [r.score_prompt_b for r in rows])
 
     def score_prompts(self, frames: torch.Tensor, prompts: Sequence[str], prompts_b: Sequence[str | None]
                       ) -> dict[str, torch.Tensor]:

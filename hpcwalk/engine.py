@@ -21,6 +21,7 @@ import torch
 from hpcwalk import interp
 from hpcwalk.clip import ClipScorer, load_scorers, score_frames, to_arrow
 from hpcwalk.compile import CompileConfig, prepare
+from hpcwalk.framestats import FrameStats, load_frame_stats
 from hpcwalk.job import FrameRow, NoiseKey, RenderJob, Sampling
 from hpcwalk.models import SDComponents, load_components
 
@@ -65,9 +66,11 @@ class Renderer:
     """Renders plan rows with one set of loaded SD components."""
 
     def __init__(self, components: SDComponents, sampling: Sampling, batch_size: int = 8,
-                 scorers: Sequence[ClipScorer] = (), compile: CompileConfig | None = None):
+                 scorers: Sequence[ClipScorer] = (), compile: CompileConfig | None = None,
+                 stats: FrameStats | None = None):
         self.c = components
         self.scorers = tuple(scorers)  # CLIP models embedding every decoded frame (hpcwalk.clip)
+        self.stats = stats or FrameStats()  # sharpness, encoder features of every decoded frame (hpcwalk.framestats)
         self.sampling = sampling
         self.batch_size = batch_size
         self.device, self.dtype = components.device, components.dtype
@@ -83,7 +86,8 @@ class Renderer:
     def from_job(cls, job: RenderJob) -> "Renderer":
         """Load the job's model on its device in its dtype and wrap it."""
         c = load_components(job.model.id, job.render.dtype, job.render.device, job.model.revision)
-        return cls(c, job.sampling, job.render.batch_size, load_scorers(job, c.device, c.dtype), compile=job.compile)
+        return cls(c, job.sampling, job.render.batch_size, load_scorers(job, c.device, c.dtype), compile=job.compile,
+                   stats=load_frame_stats(job, c.device, c.dtype))
 
     # -- 1. inputs ------------------------------------------------------------------------------
 
@@ -114,7 +118,7 @@ class Renderer:
             elif kind == "translate":
                 out.append(interp.translate(za, zb, [r.t for r in grp]))
             elif kind == "mix":
-                out.append(interp.mix(za, zb, [r.t for r in grp]))
+                out.append(interp.mix(za, zb, [r.t for r in grp], layout=method or "end-left"))
             elif kind == "std":
                 out.append(interp.scale_std(za, [r.std for r in grp]))
             else:  # text, prompts: the fixed latent
@@ -238,7 +242,7 @@ class Renderer:
     def render(self, rows: Sequence[FrameRow], on_batch: Callable[[int], None] | None = None) -> RenderOutput:
         """Render rows in fixed-size micro-batches; returns frames in row order."""
         rows = list(rows)
-        images, norms, clip_cols, redecoded = [], [], [], []
+        images, norms, clip_cols, redecoded, stat_cols = [], [], [], [], []
         t0 = time.perf_counter()
         for i in range(0, len(rows), self.batch_size):
             batch = rows[i : i + self.batch_size]
@@ -250,6 +254,7 @@ class Renderer:
             redecoded.append(bad[: len(batch)])
             if self.scorers:  # CLIP on the same device and micro-batch, padding dropped after
                 clip_cols.append({k: v[: len(batch)] for k, v in score_frames(self.scorers, decoded, full).items()})
+            stat_cols.append({k: v[: len(batch)] for k, v in self.stats.columns(decoded).items()})
             frames = decoded[: len(batch)]
             images.append(self._to_host(frames))  # async to pinned memory on CUDA; joined once below
             if on_batch:
@@ -257,6 +262,7 @@ class Renderer:
         out = self._host_frames(images)
         latent_norm = torch.cat(norms).float().cpu().numpy() if norms else np.zeros(0, np.float32)
         extra = to_arrow(clip_cols) if clip_cols else {}
+        extra.update(to_arrow(stat_cols))
         if redecoded:  # the NaN guard's record: True where the frame was decoded again in float32
             extra["vae_fp32_redecode"] = pa.array(torch.cat(redecoded).cpu().numpy(), pa.bool_())
         return RenderOutput(rows, out, latent_norm, {"render_s": time.perf_counter() - t0}, extra)

@@ -23,9 +23,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
+from hpcwalk.colors import color
 from hpcwalk.runindex import RunIndex, evenly_spaced, iter_images
-
-COLORS = {"linear": "#d62728", "normalized": "#1f77b4", "slerp": "#2ca02c"}
 
 
 class FigureError(ValueError):
@@ -117,8 +116,8 @@ def trajectory_figure(path: str, seed: int = 24, n: int = 101) -> Trajectories:
         ax.plot(r * np.cos(t), r * np.sin(t), color="0.8", lw=0.8, zorder=0)
         ax.annotate(f"{r}σ", (r * 0.707, r * 0.707), color="0.6", fontsize=7)
     for m, p in paths.items():
-        ax.plot(p[:, 0], p[:, 1], color=COLORS.get(m), lw=2, label=m)
-        ax2.plot(gamma.numpy(), np.linalg.norm(p, axis=1), color=COLORS.get(m), lw=2, label=m)
+        ax.plot(p[:, 0], p[:, 1], color=color(m), lw=2, label=m)
+        ax2.plot(gamma.numpy(), np.linalg.norm(p, axis=1), color=color(m), lw=2, label=m)
     ax.scatter(*zip(a.numpy(), b.numpy()), color="k", zorder=3)
     ax.annotate("z_start", a.numpy(), textcoords="offset points", xytext=(6, 6))
     ax.annotate("z_end", b.numpy(), textcoords="offset points", xytext=(6, 6))
@@ -150,7 +149,7 @@ def norm_figure(index: RunIndex, walk: str, path: str) -> dict[str, tuple[np.nda
              + np.asarray(t.rows.column("gamma").to_numpy(), float))
         y = np.asarray(t.rows.column("latent_norm").to_numpy(), float)
         series[t.method] = (x, y)
-        ax.plot(x, y, "o-", ms=3, color=COLORS.get(t.method), label=f"{t.method} (measured)")
+        ax.plot(x, y, "o-", ms=3, color=color(t.method), label=f"{t.method} (measured)")
     segments = math.ceil(max(x.max() for x, _ in series.values())) or 1
     xs = np.linspace(0, segments, 200 * segments)
     local = np.where(xs == segments, 1.0, xs - np.floor(xs))

@@ -192,19 +192,33 @@ def translate(z_start: Tensor, z_end: Tensor, t) -> Tensor:
     return out.contiguous().to(out_dt)
 
 
-def mix(z_start: Tensor, z_end: Tensor, t) -> Tensor:
-    """C(z_start, z_end; t) = cat(z_end[..., :t], z_start[..., t:], dim=-1); t in 0..W
+def mix(z_start: Tensor, z_end: Tensor, t, layout: str = "end-left") -> Tensor:
+    """C(z_start, z_end; t), t in 0..W, every column kept at its own position:
+    end-left:  cat(z_end[..., :t], z_start[..., t:], dim=-1)      (z_end enters from the left)
+    end-right: cat(z_start[..., :W-t], z_end[..., W-t:], dim=-1)  (z_end enters from the right)
 
-    The study writes C as cat(z_start[:, :, 64:64+t], z_end[:, :, t:64]); taken literally the
-    first slice is empty. We read 64:64+t as a z_concat coordinate, i.e. z_end's first t
-    columns, and keep every column at its own position (unlike T, which shifts content):
-    columns [0, t) come from z_end, columns [t, W) from z_start. So C(0) = z_start and
-    C(W) = z_end, the same direction as T.
+    The study defines C as "the concatenation of z_start[:, :, 64:64+t] and z_end[:, :, t:64]";
+    taken literally the first slice is empty (z_start is 64 wide). Two readings fix it:
+
+    - end-left (the default): read both slices as z_concat coordinates, the notation the study
+      uses for T(z_concat; t) = z_concat[:, :, t:64+t]: z_concat[64:64+t] = z_end[:t] and
+      z_concat[t:64] = z_start[t:], concatenated in the printed order. These are T's own two
+      pieces with the order swapped, which puts every column back at its place. It is the one
+      reading that keeps the printed indices and order as they are, hence the default (and what
+      hpcwalk rendered before `layout` existed).
+    - end-right: "T without the shift": T(t) = [z_start[t:], z_end[:t]] lets z_end's columns in
+      from the right; end-right takes the same split point W - t with each column in place, so
+      z_end enters from the same side as in T.
+
+    Both give C(0) = z_start and C(W) = z_end. Pure indexing (exact copies).
     """
+    if layout not in ("end-left", "end-right"):
+        raise ValueError(f"unknown mix layout {layout!r}; valid layouts: end-left, end-right")
     z0, z1, out_dt = _pair_raw(z_start, z_end)
     width = z0.shape[-1]
     t = _steps(t, width, z0.device)  # (G,)
-    take_end = torch.arange(width, device=z0.device) < t[:, None]  # (G, W)
+    col = torch.arange(width, device=z0.device)  # (W,)
+    take_end = col < t[:, None] if layout == "end-left" else col >= width - t[:, None]  # (G, W)
     take_end = take_end.reshape(t.shape[0], *([1] * (z0.ndim - 1)), width)  # (G, 1, ..., W)
     return torch.where(take_end, z1, z0).to(out_dt)  # (G, *S)
 

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli package
@@ -25,6 +26,7 @@ METHODS = ("linear", "normalized", "slerp")  # latent interpolation (hpcwalk.int
 TEXT_METHODS = ("linear", "slerp")  # text-embedding interpolation
 
 WALK_KINDS = ("latent", "text", "translate", "mix", "std", "prompts")
+MIX_LAYOUTS = ("end-left", "end-right")  # the two readings of the study's C (hpcwalk.interp.mix)
 DTYPES = ("float32", "float16", "bfloat16")
 IMAGE_FORMATS = ("png", "webp", "jpeg")
 SCHEDULERS = ("dpmsolver++", "ddim", "euler", "pndm", "unipc", "heun")
@@ -104,6 +106,20 @@ class ClipSpec:
 
 
 @dataclass(frozen=True)
+class EncoderSpec:
+    """A non-CLIP image encoder that embeds every frame in the render (hpcwalk/encoder.py): the
+    features the study's on-distribution yardstick (KID) compares besides CLIP's."""
+
+    model: str = "auto"  # auto: tiny-dinov2 (built in, random) for `tiny`, none otherwise; a hub id or folder
+
+    def resolved(self, sd_model: str) -> str:
+        """The encoder to load ('' for none)."""
+        if self.model == "auto":
+            return "tiny-dinov2" if sd_model == "tiny" else ""
+        return "" if self.model == "none" else self.model
+
+
+@dataclass(frozen=True)
 class OutputSpec:
     shard_size: int = 64
     image_format: Literal["png", "webp", "jpeg"] = "png"
@@ -123,6 +139,10 @@ class Walk:
     stride: int = 1  # t step for translate / mix (t = 0, stride, ..., W; W always included)
     std_min: float = 0.5
     std_max: float = 1.5
+    score_prompt: str = ""  # the text CLIP scores against ("" = the generation prompt)
+    score_prompts: tuple[str, ...] = ()  # text / prompts walks: one scoring text per prompt
+    gammas: tuple[float, ...] = ()  # latent / text walks: explicit gammas instead of i / (frames - 1)
+    layout: str = MIX_LAYOUTS[0]  # mix walks: which reading of the study's C (see interp.mix)
 
 
 @dataclass(frozen=True)
@@ -132,6 +152,7 @@ class RenderJob:
     render: RenderSettings = RenderSettings()
     clip: ClipSpec = ClipSpec()
     output: OutputSpec = OutputSpec()
+    encoder: EncoderSpec = EncoderSpec()
     compile: CompileConfig = CompileConfig()  # speed options (hpcwalk/compile.py); not in the fingerprint
     walks: tuple[Walk, ...] = ()
     source: str = ""  # where it was loaded from (not part of the fingerprint)
@@ -181,19 +202,19 @@ class RenderJob:
 # ---------------------------------------------------------------------------------------------
 
 _TABLES = {"model": ModelSpec, "sampling": Sampling, "render": RenderSettings, "clip": ClipSpec, "output": OutputSpec,
-           "compile": CompileConfig}
+           "compile": CompileConfig, "encoder": EncoderSpec}
 
 _WALK_KEYS: dict[str, set[str]] = {
-    "latent": {"prompt", "seeds", "methods", "frames"},
-    "text": {"prompts", "seeds", "methods", "frames"},
-    "translate": {"prompt", "seeds", "stride"},
-    "mix": {"prompt", "seeds", "stride"},
-    "std": {"prompt", "seeds", "frames", "std_min", "std_max"},
-    "prompts": {"prompts", "seeds"},
+    "latent": {"prompt", "seeds", "methods", "frames", "score_prompt", "gammas"},
+    "text": {"prompts", "seeds", "methods", "frames", "score_prompt", "score_prompts", "gammas"},
+    "translate": {"prompt", "seeds", "stride", "score_prompt"},
+    "mix": {"prompt", "seeds", "stride", "score_prompt", "layout"},
+    "std": {"prompt", "seeds", "frames", "std_min", "std_max", "score_prompt"},
+    "prompts": {"prompts", "seeds", "score_prompt", "score_prompts"},
 }
 _WALK_REQUIRED: dict[str, set[str]] = {
-    "latent": {"prompt", "seeds", "frames"},
-    "text": {"prompts", "seeds", "frames"},
+    "latent": {"prompt", "seeds"},  # and frames or gammas (checked in _parse_walk)
+    "text": {"prompts", "seeds"},
     "translate": {"prompt", "seeds"},
     "mix": {"prompt", "seeds"},
     "std": {"prompt", "seeds", "frames"},
@@ -342,7 +363,8 @@ def _parse_walk(raw: Any, i: int, sampling: Sampling) -> Walk:
     if not isinstance(seeds, list):
         raise JobError(f"{where} seeds must be a list")
     body["seeds"] = tuple(_parse_seed(s, where) for s in seeds)
-    for key in ("prompts", "methods"):
+    _parse_walk_extras(body, kind, where)
+    for key in ("prompts", "methods", "score_prompts"):
         if key in body:
             v = body[key]
             if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
@@ -358,7 +380,8 @@ def _parse_walk(raw: Any, i: int, sampling: Sampling) -> Walk:
         walk = Walk(name=name, kind=kind, **body)
     except TypeError as e:  # pragma: no cover - keys were checked above
         raise JobError(f"{where}: {e}") from None
-    for key, want in (("prompt", str), ("frames", int), ("stride", int), ("std_min", float), ("std_max", float)):
+    for key, want in (("prompt", str), ("frames", int), ("stride", int), ("std_min", float), ("std_max", float),
+                      ("score_prompt", str), ("layout", str)):
         v = getattr(walk, key)
         ok = isinstance(v, want) or (want is float and isinstance(v, int))
         if not ok or isinstance(v, bool):
@@ -385,6 +408,41 @@ def _check_walk(w: Walk, where: str, s: Sampling) -> None:
         raise JobError(f"{where}: stride must be in 1..{s.width // 8} (the latent width), got {w.stride}")
     if w.kind == "std" and not 0 <= w.std_min <= w.std_max:
         raise JobError(f"{where}: need 0 <= std_min <= std_max, got {w.std_min}, {w.std_max}")
+    if w.score_prompts and len(w.score_prompts) != n_prompts:
+        raise JobError(f"{where}: score_prompts needs one text per prompt ({n_prompts}), got {len(w.score_prompts)}")
+    if w.score_prompt and w.score_prompts:
+        raise JobError(f"{where}: give score_prompt or score_prompts, not both")
+    if w.kind == "mix" and w.layout not in MIX_LAYOUTS:
+        raise JobError(_choice_msg(f"{where} layout", w.layout, MIX_LAYOUTS))
+    if w.gammas and (n_seeds if w.kind == "latent" else n_prompts) != 2:
+        raise JobError(f"{where}: gammas = [...] is for walks between two keyframes; with more, use frames")
+
+
+def _parse_walk_extras(body: dict[str, Any], kind: str, where: str) -> None:
+    """`gammas = [...]` (instead of `frames`): finite floats in [0, 1], strictly increasing, at least 2."""
+    if kind not in ("latent", "text"):
+        return
+    if "gammas" not in body:
+        if "frames" not in body:
+            raise JobError(f"{where}: missing frames (or an explicit gammas = [...]) for a {kind!r} walk")
+        return
+    if "frames" in body:
+        raise JobError(f"{where}: give frames or gammas, not both (frames = len(gammas))")
+    body["gammas"] = parse_gammas(body["gammas"], where)
+    body["frames"] = len(body["gammas"])
+
+
+def parse_gammas(g: Any, where: str) -> tuple[float, ...]:
+    """An explicit gamma list: at least 2 finite numbers in [0, 1], strictly increasing."""
+    if not isinstance(g, list) or len(g) < 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                         for x in g):
+        raise JobError(f"{where} gammas must be a list of at least 2 numbers, e.g. [0.0, 0.25, 0.5, 0.75, 1.0]")
+    g = [float(x) for x in g]
+    if not all(math.isfinite(x) and 0.0 <= x <= 1.0 for x in g):
+        raise JobError(f"{where} gammas must be finite and in [0, 1], got {[x for x in g if not 0 <= x <= 1][:1]}")
+    if any(b <= a for a, b in zip(g, g[1:])):
+        raise JobError(f"{where} gammas must be strictly increasing (a walk in gamma order), got {g[:8]}")
+    return tuple(g)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,6 +469,14 @@ class FrameRow:
     gamma: float | None = None  # latent / text walks
     t: int | None = None  # translate / mix
     std: float | None = None  # std sweep
+    score_prompt: str = ""  # the text CLIP scores against ("" here = `prompt`; resolved on construction)
+    score_prompt_b: str | None = None  # text walks: the end prompt's scoring text (None here = `prompt_b`)
+
+    def __post_init__(self) -> None:
+        if not self.score_prompt:
+            object.__setattr__(self, "score_prompt", self.prompt)
+        if self.score_prompt_b is None and self.prompt_b is not None:
+            object.__setattr__(self, "score_prompt_b", self.prompt_b)
 
 
 FramePlan = list[FrameRow]
@@ -434,12 +500,23 @@ def plan(job: RenderJob) -> FramePlan:
     return rows
 
 
-def _segments(frames: int, keyframes: int) -> list[tuple[int, float]]:
-    """(segment, local gamma) per frame; segments share their keyframe; gamma = i / (frames - 1)."""
+def _segments(frames: int, keyframes: int, gammas: Sequence[float] = ()) -> list[tuple[int, float]]:
+    """(segment, local gamma) per frame; segments share their keyframe; gamma = i / (frames - 1), or the
+    walk's explicit gammas (two keyframes only). The study prints its grid as {0, 1/(n-1), 1/(n-2), ..., 1};
+    read as a typo for i/(n-1): its n frames are evenly spaced and 1/(n-2) > 1/(n-1) would not increase."""
+    if gammas:
+        return [(0, float(g)) for g in gammas]
     out = [(0, 0.0)]
     for k in range(keyframes - 1):
         out.extend((k, i / (frames - 1)) for i in range(1, frames))
     return out
+
+
+def _scoring(w: Walk, k: int) -> str:
+    """The scoring text of the walk's k-th prompt (its own prompt unless score_prompt(s) say otherwise)."""
+    if w.score_prompts:
+        return w.score_prompts[k]
+    return w.score_prompt or (w.prompts[k] if w.prompts else w.prompt)
 
 
 def _plan_walk(w: Walk, latent_w: int) -> FramePlan:
@@ -448,32 +525,36 @@ def _plan_walk(w: Walk, latent_w: int) -> FramePlan:
         keys = w.seeds if w.kind == "latent" else w.prompts
         rows = []
         for m in w.methods:
-            for i, (k, g) in enumerate(_segments(w.frames, len(keys))):
-                ends = dict(seed=s0.seed, draw=s0.draw, prompt=w.prompts[k] if w.kind == "text" else w.prompt)
+            for i, (k, g) in enumerate(_segments(w.frames, len(keys), w.gammas)):
+                ends = dict(seed=s0.seed, draw=s0.draw, prompt=w.prompts[k] if w.kind == "text" else w.prompt,
+                            score_prompt=_scoring(w, k))
                 if w.kind == "latent":
                     a, b = w.seeds[k], w.seeds[k + 1]
                     ends.update(seed=a.seed, draw=a.draw, seed_b=b.seed, draw_b=b.draw)
                 else:
-                    ends.update(prompt_b=w.prompts[k + 1])
+                    ends.update(prompt_b=w.prompts[k + 1], score_prompt_b=_scoring(w, k + 1))
                 rows.append(FrameRow(f"{w.name}/{m}/{i:05d}", w.name, w.kind, m, i, k, gamma=g, **ends))
         return rows
     if w.kind in ("translate", "mix"):
         ts = list(range(0, latent_w, w.stride)) + [latent_w]
         b = w.seeds[1]
+        method = w.layout if w.kind == "mix" else ""  # a mix walk's "method" is its layout
         return [
-            FrameRow(f"{w.name}/{w.kind}/{i:05d}", w.name, w.kind, "", i, 0, s0.seed, s0.draw, w.prompt,
-                     seed_b=b.seed, draw_b=b.draw, t=t)
+            FrameRow(f"{w.name}/{w.kind}/{i:05d}", w.name, w.kind, method, i, 0, s0.seed, s0.draw, w.prompt,
+                     seed_b=b.seed, draw_b=b.draw, t=t, score_prompt=_scoring(w, 0))
             for i, t in enumerate(ts)
         ]
     if w.kind == "std":
         stds = [w.std_min + (w.std_max - w.std_min) * i / (w.frames - 1) for i in range(w.frames)]
         return [
-            FrameRow(f"{w.name}/std/{i:05d}", w.name, w.kind, "", i, 0, s0.seed, s0.draw, w.prompt, std=v)
+            FrameRow(f"{w.name}/std/{i:05d}", w.name, w.kind, "", i, 0, s0.seed, s0.draw, w.prompt, std=v,
+                     score_prompt=_scoring(w, 0))
             for i, v in enumerate(stds)
         ]
     # prompts: one latent under several prompts
     return [
-        FrameRow(f"{w.name}/prompts/{i:05d}", w.name, w.kind, "", i, 0, s0.seed, s0.draw, p)
+        FrameRow(f"{w.name}/prompts/{i:05d}", w.name, w.kind, "", i, 0, s0.seed, s0.draw, p,
+                 score_prompt=_scoring(w, i))
         for i, p in enumerate(w.prompts)
     ]
 

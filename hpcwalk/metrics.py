@@ -1,4 +1,5 @@
-"""Pure numpy metrics of interpolation walks: CLIPScore, InterpScore, smoothness, bootstrap CIs.
+"""Pure numpy metrics of interpolation walks: CLIPScore, InterpScore, smoothness, bootstrap CIs, paired tests
+and Holm's correction, Kendall's tau between rankings, KID with seed pairs as units.
 
 Array in, array out; embeddings are (N, D) rows (any norm: cosines normalise them), one row per
 frame of a walk in gamma order. The study's definitions (seed/exploring-latent-space-of-sd.txt):
@@ -147,3 +148,153 @@ def bootstrap_curve(y: np.ndarray, n_boot: int = N_BOOT, confidence: float = CON
     boots = _boot_means(y, n_boot, seed)  # (n_boot, G)
     lo, hi = np.quantile(boots, [(1 - confidence) / 2, (1 + confidence) / 2], axis=0)
     return y.mean(axis=0), lo, hi
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Tests of paired differences, and Holm's correction for several of them
+# ---------------------------------------------------------------------------------------------
+
+
+def bootstrap_weights(units: int, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
+    """Resample counts over `units` (n_boot, units): row b says how often each unit is in resample b."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(units, np.full(units, 1.0 / units), size=n_boot)
+
+
+def bootstrap_p_value(boots: np.ndarray) -> float:
+    """Two-sided percentile-bootstrap p-value of 'the difference is 0': 2 min(P*(d <= 0), P*(d >= 0)), at most 1
+    (the smallest alpha whose percentile interval excludes 0). NaN resamples are left out."""
+    d = np.asarray(boots, np.float64)
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        return float("nan")
+    return float(min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean())))
+
+
+def sign_flip_p_value(d: np.ndarray, n_perm: int = N_BOOT, seed: int = 0) -> float:
+    """Two-sided paired randomization test of 'mean d = 0' (Fisher): the share of sign flips s in {-1, 1}^n with
+    |mean(s d)| >= |mean(d)|; all 2^n flips for n <= 16 (exact: with 4 pairs it is never below 2/16), else
+    n_perm random ones, counted with the observed one ((hits + 1) / (n_perm + 1))."""
+    d = np.asarray(d, np.float64)
+    obs = abs(d.mean()) * (1 - 1e-12)  # ties count as "as extreme"
+    if d.size <= 16:
+        signs = 1 - 2 * ((np.arange(2 ** d.size)[:, None] >> np.arange(d.size)) & 1)  # (2^n, n)
+        return float((np.abs(signs @ d) / d.size >= obs).mean())
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_perm, d.size))
+    return float(((np.abs(signs @ d) / d.size >= obs).sum() + 1) / (n_perm + 1))
+
+
+def paired_test(a: np.ndarray, b: np.ndarray, n_boot: int = N_BOOT, confidence: float = CONFIDENCE,
+                seed: int = 0) -> tuple[Interval, float]:
+    """Mean of a_i - b_i over paired units with its bootstrap CI (as `paired_difference`) and the sign-flip
+    test's p-value (exact for few units, where a bootstrap p-value would be far too small)."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    if d.ndim != 1 or d.size == 0:
+        raise ValueError(f"paired_test needs two non-empty 1-D samples of one shape, got {d.shape}")
+    return bootstrap_ci(d, n_boot, confidence, seed), sign_flip_p_value(d, n_boot, seed)
+
+
+def holm(p: np.ndarray) -> np.ndarray:
+    """Holm's step-down adjusted p-values: sorted p_(1) <= ... <= p_(m), adj_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)).
+    Reject H_i at level alpha iff adj_i <= alpha; controls the family-wise error rate. NaN stays NaN."""
+    p = np.asarray(p, np.float64)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    order = ok[np.argsort(p[ok], kind="stable")]
+    m, running = order.size, 0.0
+    for j, i in enumerate(order):
+        running = max(running, min(1.0, (m - j) * p[i]))
+        out[i] = running
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Agreement of two rankings of the methods, unit by unit
+# ---------------------------------------------------------------------------------------------
+
+
+def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float:
+    """Kendall's tau-b of two scorings of the same M items (M,): (C - D) / sqrt((n0 - tx)(n0 - ty)); NaN when
+    either scoring ties every item."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    i, j = np.triu_indices(x.size, 1)
+    sx, sy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])  # (M(M-1)/2,)
+    den = np.sqrt(np.count_nonzero(sx) * np.count_nonzero(sy))
+    return float((sx * sy).sum() / den) if den > 0 else float("nan")
+
+
+def rank_agreement(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """tau-b per unit between two (units, M) scorings of M methods (both oriented: higher = better) -> (units,)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.shape != y.shape or x.ndim != 2:
+        raise ValueError(f"rank_agreement needs two (units, methods) arrays of one shape, got {x.shape}, {y.shape}")
+    return np.array([kendall_tau_b(a, b) for a, b in zip(x, y)])
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Kernel Inception Distance (unbiased MMD^2, cubic polynomial kernel), with seed pairs as units
+# ---------------------------------------------------------------------------------------------
+
+
+def poly_kernel(a: np.ndarray, b: np.ndarray, gamma: float | None = None, coef: float = 1.0) -> np.ndarray:
+    """k(a_i, b_j) = (gamma a_i . b_j + coef)^3, gamma = 1/D by default (KID's kernel): (n, D), (m, D) -> (n, m)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    g = 1.0 / a.shape[-1] if gamma is None else gamma
+    return (g * a @ b.T + coef) ** 3
+
+
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray, gamma: float | None = None) -> float:
+    """The usual unbiased KID of two independent samples x (n, D), y (m, D):
+    sum_{i != j} k(x_i, x_j) / n(n-1) + sum_{i != j} k(y_i, y_j) / m(m-1) - 2 sum_{i, j} k(x_i, y_j) / nm."""
+    kxx, kyy, kxy = poly_kernel(x, x, gamma), poly_kernel(y, y, gamma), poly_kernel(x, y, gamma)
+    n, m = len(x), len(y)
+    return float((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+                 - 2 * kxy.mean())
+
+
+def pair_kernel_means(a: np.ndarray, b: np.ndarray, gamma: float | None = None, chunk: int = 16) -> np.ndarray:
+    """K[p, q] = mean over i, j of k(a[p, i], b[q, j]): a (P, F, D), b (P, G, D) -> (P, P), in chunks of pairs."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    P, G, D = b.shape
+    g = 1.0 / D if gamma is None else gamma
+    flat_b = b.reshape(P * G, D)  # (P G, D)
+    out = np.empty((a.shape[0], P))
+    for s in range(0, a.shape[0], chunk):
+        blk = a[s:s + chunk]  # (c, F, D)
+        k = (g * blk.reshape(-1, D).astype(np.float64) @ flat_b.T.astype(np.float64) + 1.0) ** 3  # (c F, P G)
+        out[s:s + chunk] = k.reshape(blk.shape[0], blk.shape[1], P, G).mean(axis=(1, 3))
+    return out
+
+
+def kid_from_blocks(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray, weights: np.ndarray | None = None
+                    ) -> np.ndarray:
+    """KID as a U-statistic over distinct seed pairs, from pair-block kernel means (P, P) (`pair_kernel_means`):
+
+        KID = sum_{p != q} w_p w_q (Kxx[p,q] + Kyy[p,q] - 2 Kxy[p,q]) / sum_{p != q} w_p w_q
+
+    Frames of one pair are never compared with each other (they share a walk, so they are not independent
+    draws), neither within a set nor across the two; for independent units its expectation is the MMD^2
+    of the two distributions, so an unshifted one centres on 0. weights (B, P): bootstrap counts (None: all
+    ones) -> (B,); a resample holding a single distinct pair gives NaN."""
+    w = np.ones((1, kxx.shape[0])) if weights is None else np.asarray(weights, np.float64)  # (B, P)
+    k = kxx + kyy - kxy - kxy.T  # (P, P): symmetric, same U-statistic
+    num = np.einsum("bp,pq,bq->b", w, k, w) - (w ** 2) @ np.diag(k)  # (B,)
+    den = w.sum(1) ** 2 - (w ** 2).sum(1)  # (B,)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def kid_per_pair(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray) -> np.ndarray:
+    """Each pair's share h_p of the KID: h_p = mean_{q != p} (Kxx + Kyy - Kxy - Kxy^T)[p, q]; mean_p h_p = KID.
+    For ranking methods pair by pair (its spread is not the KID's: use `kid_from_blocks` for intervals)."""
+    k = kxx + kyy - kxy - kxy.T
+    P = k.shape[0]
+    return (k.sum(1) - np.diag(k)) / max(P - 1, 1)
+
+
+def interval_from_boots(estimate: float, boots: np.ndarray, n: int, confidence: float = CONFIDENCE) -> Interval:
+    """A percentile interval from bootstrap replicates (NaN replicates left out)."""
+    b = np.asarray(boots, np.float64)
+    b = b[np.isfinite(b)]
+    lo, hi = np.quantile(b, [(1 - confidence) / 2, (1 + confidence) / 2]) if b.size else (np.nan, np.nan)
+    return Interval(float(estimate), float(lo), float(hi), int(n), confidence)

@@ -15,11 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-COLORS = {"linear": "#d62728", "normalized": "#2ca02c", "slerp": "#1f77b4"}
-
-
-def _color(method: str) -> str:
-    return COLORS.get(method, "#7f7f7f")
+from hpcwalk.colors import color as _color
 
 
 def _figure(ncols: int, figsize: tuple[float, float]):
@@ -132,6 +128,33 @@ def fig_smoothness(summary: dict[str, Any]):
     return fig
 
 
+def fig_yardsticks(summary: dict[str, Any]):
+    """The yardsticks that are not CLIP along the walk: sharpness, SSIM and LPIPS steps, KID per gamma bin."""
+    panels = [(k, lab) for k, lab in (("sharpness_curves", "sharpness (var. of Laplacian)"),
+                                      ("ssim_step_curves", "pixel step 1 - SSIM"),
+                                      ("lpips_step_curves", "LPIPS step")) if k in summary]
+    kid = summary.get("kid", {})
+    fig, axes = _figure(max(1, len(panels) + len(kid)), (4.2 * max(1, len(panels) + len(kid)), 3.4))
+    for ax, (key, label) in zip(axes[0], panels):
+        _curve_panel(ax, summary[key], label)
+        ax.set_title(label, fontsize=9)
+    for ax, (prefix, k) in zip(axes[0][len(panels):], kid.items()):
+        x = [np.mean(b) for b in k["bins"]]
+        for j, (m, ivs) in enumerate(k["per_bin"].items()):
+            est = np.array([iv["estimate"] for iv in ivs])
+            err = [est - [iv["low"] for iv in ivs], [iv["high"] for iv in ivs] - est]
+            ax.errorbar(np.array(x) + (j - 1) * 0.012, est, yerr=np.nan_to_num(err), fmt="o-", ms=4, capsize=3,
+                        color=_color(m), label=m)
+        ax.axhline(0, color="gray", lw=1, ls="--")
+        ax.set_xlabel("gamma bin (centre)")
+        ax.set_ylabel("KID vs endpoint frames")
+        ax.set_title(f"KID per gamma bin ({k['label']})", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 # name -> (figure function, needs the walk table, caption)
 FIGURES = {
     "interp_score": (fig_interp_score, True, "InterpScore per method: mean over seed pairs with its {pct} "
@@ -145,6 +168,11 @@ FIGURES = {
                     "normalized and slerp keep it."),
     "smoothness": (fig_smoothness, False, "Smoothness: cosine distance between consecutive frames' CLIP embeddings "
                    "along the walk; per walk its sum, its largest step, and its spread (CV: 0 = even pace)."),
+    "yardsticks": (fig_yardsticks, False, "Yardsticks that are not CLIP, mean over seed pairs with a pointwise {pct} "
+                   "band: sharpness of each frame (variance of the Laplacian of the luma: blur lowers it), the pixel "
+                   "(1 - SSIM) and LPIPS steps between consecutive frames, and KID of each gamma bin's interior frames "
+                   "against every pair's endpoint frames (0 = on the distribution of ordinary samples), with {pct} "
+                   "intervals over pairs."),
 }
 
 
@@ -182,32 +210,76 @@ def _tables(summary: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _yardstick_table(summary: dict[str, Any]) -> str:
+    """One row per yardstick: ranking, each method's value [CI], the comparisons Holm leaves resolved, agreement."""
+    ys = summary.get("yardsticks", {})
+    if not ys:
+        return ""
+    methods = summary["study"]["methods"]
+    head = ("<tr><th>yardstick</th><th>better</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in methods)
+            + "<th>ranking (best first)</th><th>resolved after Holm</th><th>agrees with CLIP (Kendall's tau)</th></tr>")
+    body = ""
+    for name, y in ys.items():
+        cells = "".join(f"<td>{_fmt(y['per_method'][m])}</td>" for m in methods)
+        resolved = ", ".join(f"{html.escape(k)} (p<sub>Holm</sub> {t['p_holm']:.3g})"
+                             for k, t in y["paired"].items() if t["resolved"]) or "none"
+        ag = y.get("agreement")
+        agree = "&mdash;" if not ag else (
+            f"{html.escape(ag['verdict'])}: {ag['estimate']:.2f} <span class=ci>[{ag['low']:.2f}, {ag['high']:.2f}]</span>"
+            if np.isfinite(ag["estimate"]) else "undefined (ties)")
+        body += (f"<tr data-yardstick='{html.escape(name)}'><td>{html.escape(y['label'])}</td><td>{y['better']}</td>"
+                 f"{cells}<td>{' &gt; '.join(map(html.escape, y['ranking']))}</td><td>{resolved}</td><td>{agree}</td></tr>")
+    kid = ""
+    for prefix, k in summary.get("kid", {}).items():
+        bins = "".join(f"<th>&gamma; {b[0]:.3g}" + (f"&ndash;{b[1]:.3g}" if b[1] > b[0] else "") + "</th>"
+                       for b in k["bins"])
+        rows = "".join(f"<tr><td>{html.escape(m)}</td>" + "".join(f"<td>{_fmt(iv)}</td>" for iv in ivs) + "</tr>"
+                       for m, ivs in k["per_bin"].items())
+        kid += (f"<h4>KID per gamma bin, {html.escape(k['label'])} features (interior frames vs endpoint frames)</h4>"
+                f"<table class=yardsticks><tr><th>method</th>{bins}</tr>{rows}</table>")
+    return f"<h3>Every yardstick</h3><table class=yardsticks>{head}{body}</table>{kid}"
+
+
+def _warnings_html(summary: dict[str, Any]) -> str:
+    items = summary.get("warnings", [])
+    if not items:
+        return ""
+    return ("<div id=warnings class=warn role=alert><strong>Read with care</strong><ul>"
+            + "".join(f"<li>{html.escape(w)}</li>" for w in items) + "</ul></div>")
+
+
 def render_html(summary: dict[str, Any], figures: dict[str, bytes]) -> str:
     """A self-contained page: settings, tables, figures as base64 PNG."""
     st = summary["study"]
-    prompts = "".join(f"<li>{html.escape(p)}</li>" for p in st["prompts"])
+    scoring = st.get("score_prompts") or st["prompts"]
+    prompts = "".join(f"<li>{html.escape(p)} &rarr; {html.escape(q)}</li>" for p, q in zip(st["prompts"], scoring))
     imgs = "".join(f"<figure><img alt='{k}' src='data:image/png;base64,{base64.b64encode(v).decode()}'>"
                    f"<figcaption>{html.escape(FIGURES[k][2].format(pct=_pct(summary)))} (figures/{k}.png)"
                    "</figcaption></figure>" for k, v in figures.items())
     return f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8><title>hpcwalk study</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }}
 table {{ border-collapse: collapse; margin: .5em 0 1.5em; }}
 th, td {{ border: 1px solid #ccc; padding: .3em .7em; text-align: right; white-space: nowrap; }}
 th:first-child, td:first-child {{ text-align: left; }}
 .ci {{ color: #777; font-size: .9em; }}
 figure {{ margin: 1em 0; }} img {{ max-width: 100%; }}
 figcaption {{ color: #555; font-size: .9em; max-width: 900px; }}
+#answer {{ font-size: 1.05em; line-height: 1.45; }}
+.warn {{ background: #fff4e5; border: 1px solid #f0a040; padding: .5em 1em; margin: 1em 0; }}
+table.yardsticks td, table.yardsticks th {{ white-space: normal; font-size: .9em; }}
 </style></head><body>
 <h1>InterpScore study</h1>
+<p id=answer>{html.escape(summary.get('answer', ''))}</p>
+{_warnings_html(summary)}
 <p>{st['pairs']} seed pairs &times; {len(st['methods'])} methods ({', '.join(st['methods'])}) &times;
-{st['frames']} frames, prompts:</p><ul>{prompts}</ul>
+{st['frames']} frames; prompts (generation &rarr; scoring):</p><ul>{prompts}</ul>
 <p>Model {html.escape(summary['model'])}, {summary['steps']} steps, {summary['size'][0]}&times;{summary['size'][1]};
 seed pair i interpolates seed first_seed + i ({st['first_seed']} + i), draw 0 to draw 1.
 Intervals: {100 * st['confidence']:g}% percentile bootstrap ({st['bootstrap']} resamples) over
 {html.escape(summary['unit'])}. Job fingerprint {summary['job_fingerprint']}.</p>
-<h2>Results</h2>{_tables(summary)}
+<h2>Results</h2>{_yardstick_table(summary)}{_tables(summary)}
 <h2>Figures</h2>{imgs}
 </body></html>
 """

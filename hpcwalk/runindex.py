@@ -217,7 +217,9 @@ def _job_from_run(run: dict[str, Any]) -> tuple[RenderJob | None, str]:
     try:
         d = run["job"]
         walks = tuple(Walk(**{**_known(Walk, w), "prompts": tuple(w["prompts"]), "methods": tuple(w["methods"]),
-                              "seeds": tuple(NoiseKey(**s) for s in w["seeds"])}) for w in d["walks"])
+                              "seeds": tuple(NoiseKey(**s) for s in w["seeds"]),
+                              "score_prompts": tuple(w.get("score_prompts", ())),
+                              "gammas": tuple(w.get("gammas", ()))}) for w in d["walks"])
         return RenderJob(sampling=Sampling(**_known(Sampling, d["sampling"])),
                          output=OutputSpec(**_known(OutputSpec, d["output"])), walks=walks), ""
     except (KeyError, TypeError, ValueError) as e:

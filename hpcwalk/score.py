@@ -5,8 +5,13 @@ and embedded with the same device preprocessing the renderer uses. The new colum
 dataset keyed by frame id, one file per frames shard, committed like the frames:
 
     RUN/scores/<model>__<pretrained>/score.json                 model, run fingerprint
-    RUN/scores/<model>__<pretrained>/data/shard-00000.parquet   frame_id, clip_image, clip_score, clip_score_b
+    RUN/scores/<model>__<pretrained>/data/shard-00000.parquet   frame_id, score_prompt, clip_image, clip_score, clip_score_b
     RUN/scores/<model>__<pretrained>/commits/shard-00000.done.json
+
+Each frame is scored against its row's `score_prompt` (the job's scoring text, by default the generation
+prompt; runs written before that column existed: `prompt`), or, with `prompt=TEXT` (`hpcwalk score RUN
+--prompt TEXT`), every frame against TEXT, into `RUN/scores/<model>__<pretrained>__prompt-<sha256[:10]>/`.
+`clip_score_b` (text walks) stays against the row's end scoring text `score_prompt_b`.
 
 Join on frame_id (DuckDB: `... FROM 'RUN/frames/*.parquet' JOIN 'RUN/scores/X/data/*.parquet' USING (frame_id)`).
 A rerun scores only shards without a commit marker.
@@ -53,18 +58,37 @@ class ScoreSummary:
                 f"scores: {self.out}")
 
 
-def score_dir(run: str, model: str, pretrained: str) -> str:
-    """Where a run's scores for one CLIP model live (a name safe on every filesystem)."""
+def score_dir(run: str, model: str, pretrained: str, prompt: str | None = None) -> str:
+    """Where a run's scores for one CLIP model (and one scoring text, when given) live; safe on every filesystem."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model}__{pretrained}").strip("_")
+    if prompt is not None:
+        slug += "__prompt-" + hashlib.sha256(prompt.encode()).hexdigest()[:10]
     return f"{run.rstrip('/')}/{SCORES_DIR}/{slug}"
 
 
-def preflight_score(run: str, model: str, pretrained: str, overwrite: bool = False) -> str:
+def run_clip_model(run: str) -> tuple[str, str]:
+    """(model, pretrained) of the CLIP model the run was rendered with; StoreError if it had none."""
+    from hpcwalk.job import ClipSpec, JobError
+
+    job = read_run(run).get("job", {})
+    try:
+        models = ClipSpec(**job.get("clip", {})).models(job.get("model", {}).get("id", ""))
+    except (TypeError, JobError):
+        models = ()
+    if not models:
+        raise StoreError(f"{run!r} was rendered without CLIP: pass --clip-model (and --pretrained)")
+    return models[0][1], models[0][2]
+
+
+def preflight_score(run: str, model: str, pretrained: str, overwrite: bool = False, prompt: str | None = None) -> str:
     """Check the run and the score folder before any work; returns the score folder."""
     info = read_run(run)  # StoreError when RUN is not a run folder
     if not committed_files(run):
         raise StoreError(f"{run!r} has no committed shards: render into it first")
-    out = score_dir(run, model, pretrained)
+    if prompt is not None and not prompt.strip():
+        raise StoreError("--prompt is empty: give the text to score against, e.g. --prompt \"A high resolution "
+                         "image of a cat\"")
+    out = score_dir(run, model, pretrained, prompt)
     fs, root = filesystem(out)
     if fs.get_file_info(f"{root}/score.json").type == pafs.FileType.File and not overwrite:
         with fs.open_input_stream(f"{root}/score.json") as f:
@@ -76,11 +100,12 @@ def preflight_score(run: str, model: str, pretrained: str, overwrite: bool = Fal
 
 
 def score_run(run: str, model: str, pretrained: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
-              batch_size: int = 32, overwrite: bool = False, progress: Callable[[int], None] | None = None
-              ) -> ScoreSummary:
-    """Embed and score every committed frame of `run` with one CLIP model into the sibling dataset."""
+              batch_size: int = 32, overwrite: bool = False, progress: Callable[[int], None] | None = None,
+              prompt: str | None = None) -> ScoreSummary:
+    """Embed and score every committed frame of `run` with one CLIP model (against each row's scoring text,
+    or `prompt` for every frame) into the sibling dataset."""
     # 1. validate the run and the output, then load the model (ClipLoadError names the fix)
-    out = preflight_score(run, model, pretrained, overwrite)
+    out = preflight_score(run, model, pretrained, overwrite, prompt)
     scorer = load_clip(model, pretrained, device, dtype)
     fs, root = filesystem(out)
     run_fs, _ = filesystem(run)
@@ -90,7 +115,7 @@ def score_run(run: str, model: str, pretrained: str, device: str = "cpu", dtype:
         fs.create_dir(f"{root}/{sub}", recursive=True)
     fingerprint = read_run(run).get("job_fingerprint")
     _write_atomic(fs, f"{root}/score.json", json.dumps(
-        {"clip_model": scorer.name, "run": run, "run_fingerprint": fingerprint}, indent=2).encode())
+        {"clip_model": scorer.name, "run": run, "run_fingerprint": fingerprint, "prompt": prompt}, indent=2).encode())
     # 2. score the frames shards without a score commit
     done = {i.base_name[: -len(".done.json")] for i in fs.get_file_info(
         pafs.FileSelector(f"{root}/commits", allow_not_found=True)) if i.base_name.endswith(".done.json")}
@@ -101,8 +126,9 @@ def score_run(run: str, model: str, pretrained: str, device: str = "cpu", dtype:
         if name in done:
             summary.already_committed += 1
             continue
-        frames = pq.read_table(path, columns=["frame_id", "prompt", "prompt_b", "image"], filesystem=run_fs)
-        table = score_table(scorer, frames, batch_size, progress)
+        names = pq.read_schema(path, filesystem=run_fs).names
+        cols = ["frame_id", "prompt", "prompt_b", "image"] + [c for c in ("score_prompt", "score_prompt_b") if c in names]
+        table = score_table(scorer, pq.read_table(path, columns=cols, filesystem=run_fs), batch_size, progress, prompt)
         table = table.replace_schema_metadata({"clip_model": scorer.name, "run_fingerprint": str(fingerprint)})
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
@@ -117,12 +143,14 @@ def score_run(run: str, model: str, pretrained: str, device: str = "cpu", dtype:
 
 
 def score_table(scorer: ClipScorer, frames: pa.Table, batch_size: int = 32,
-                progress: Callable[[int], None] | None = None) -> pa.Table:
-    """frame_id + the scorer's columns for a table with frame_id, prompt, prompt_b and image bytes."""
+                progress: Callable[[int], None] | None = None, prompt: str | None = None) -> pa.Table:
+    """frame_id, score_prompt + the scorer's columns for a table with frame_id, prompt, prompt_b (and
+    score_prompt, score_prompt_b where the run has them) and image bytes; `prompt`: one text for every frame."""
     from PIL import Image
 
-    prompts = frames["prompt"].to_pylist()
-    prompts_b = frames["prompt_b"].to_pylist()
+    own = frames["score_prompt"] if "score_prompt" in frames.column_names else frames["prompt"]
+    prompts = [prompt] * frames.num_rows if prompt is not None else own.to_pylist()
+    prompts_b = (frames["score_prompt_b"] if "score_prompt_b" in frames.column_names else frames["prompt_b"]).to_pylist()
     images = frames["image"]
     parts = []
     for i in range(0, frames.num_rows, batch_size):
@@ -131,7 +159,7 @@ def score_table(scorer: ClipScorer, frames: pa.Table, batch_size: int = 32,
         parts.append(scorer.score_prompts(torch.from_numpy(pix), prompts[i:j], prompts_b[i:j]))
         if progress:
             progress(j - i)
-    return pa.table({"frame_id": frames["frame_id"], **to_arrow(parts)})
+    return pa.table({"frame_id": frames["frame_id"], "score_prompt": pa.array(prompts, pa.string()), **to_arrow(parts)})
 
 
 def _write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:

@@ -60,6 +60,8 @@ PROVENANCE_FIELDS = [
     pa.field("gamma", pa.float64()),
     pa.field("t", pa.int32()),
     pa.field("std", pa.float64()),
+    pa.field("score_prompt", pa.string(), nullable=False),  # the text clip_score is scored against
+    pa.field("score_prompt_b", pa.string()),  # text walks: the text clip_score_b is scored against
 ]
 FRAME_FIELDS = [
     pa.field("shard", pa.int32(), nullable=False),
@@ -85,6 +87,7 @@ def run_metadata(job: RenderJob, scheduler_config: dict[str, Any] | None = None)
         "dtype": job.render.dtype,
         "clip_model": "",  # "" = no CLIP columns; else the model behind clip_* (and clip2_model: clip2_*)
         **{f"{prefix}_model": f"{m}/{p}" for prefix, m, p in job.clip.models(job.model.id)},
+        "encoder_model": job.encoder.resolved(job.model.id),  # "" = no encoder_image column (hpcwalk/encoder.py)
         "image_format": job.output.image_format,
         "job_fingerprint": job.fingerprint(),
     }

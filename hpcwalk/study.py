@@ -4,17 +4,22 @@ then summarised with bootstrap confidence intervals over seed pairs.
 A study file is a job file whose [[walk]] tables are replaced by one [study] table:
 
     [study]
-    prompts = ["A high resolution image of a cat"]   # or prompt = "..."
+    prompt = "An high resolution photo of a cat"     # generation prompt (or prompts = [...])
+    score_prompt = "A high resolution image of a cat" # what CLIP scores against (or score_prompts = [...])
     pairs = 1000          # seed pair i interpolates seed (first_seed + i), draw 0 -> draw 1
     first_seed = 1        # (the study's own pair is seed 1, draws 0 and 1)
     methods = ["linear", "normalized", "slerp"]
-    frames = 300          # n, both ends included
+    frames = 300          # n, both ends included, gamma = i / (n - 1); or gammas = [...]
+    bins = 5              # gamma bins for KID (interior frames vs endpoint frames)
+    lpips = "auto"        # LPIPS backbone: auto, alex, vgg, alex-random, none
     bootstrap = 10000     # resamples for the 95% intervals
     confidence = 0.95
 
 The output folder is a normal run folder (frames/, commits/, run.json: `hpcwalk score` and the
 readers work on it) plus study.parquet (one row per walk), study.json (the summary), report.html
-and figures/*.png. A rerun renders only uncommitted shards, then re-analyses everything.
+and figures/*.png. A rerun renders only uncommitted shards, then re-analyses everything. The
+yardsticks beyond CLIP (sharpness, SSIM and LPIPS steps, KID on CLIP and encoder features) and the
+report's answer are in hpcwalk/yardsticks.py.
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hpcwalk import metrics
+from hpcwalk import metrics, yardsticks
 from hpcwalk.job import METHODS
-from hpcwalk.job import JobError, RenderJob, parse_job, plan, read_toml
+from hpcwalk.job import JobError, RenderJob, parse_gammas, parse_job, plan, read_toml
 
-STUDY_KEYS = {"prompt", "prompts", "pairs", "first_seed", "methods", "frames", "bootstrap", "confidence"}
+STUDY_KEYS = {"prompt", "prompts", "pairs", "first_seed", "methods", "frames", "bootstrap", "confidence",
+              "score_prompt", "score_prompts", "gammas", "bins", "lpips"}
 SMOOTHNESS = ("path_length", "max_step", "mean_step", "step_std", "step_cv")
 
 
@@ -51,6 +57,17 @@ class StudySpec:
     frames: int = 300
     bootstrap: int = metrics.N_BOOT
     confidence: float = metrics.CONFIDENCE
+    score_prompts: tuple[str, ...] = ()  # one scoring text per prompt (() = the prompts themselves)
+    gammas: tuple[float, ...] = ()  # explicit gammas (() = i / (frames - 1))
+    bins: int = 5  # gamma bins for KID
+    lpips: str = "auto"  # LPIPS backbone (pixelsteps.LPIPS_NETS)
+
+    def scoring(self, k: int) -> str:
+        return self.score_prompts[k] if self.score_prompts else self.prompts[k]
+
+    def gamma(self) -> np.ndarray:
+        """The walks' gamma grid (frames,)."""
+        return np.asarray(self.gammas) if self.gammas else np.linspace(0.0, 1.0, self.frames)
 
     def walk_name(self, pair: int, prompt: int) -> str:
         return f"pair{pair:05d}" if len(self.prompts) == 1 else f"pair{pair:05d}-prompt{prompt:02d}"
@@ -82,9 +99,10 @@ def parse_study(data: dict[str, Any], source: str = "<dict>") -> Study:
     clip = data.get("clip", {})
     if isinstance(clip, dict) and clip.get("enabled", True) is False:
         raise JobError("[clip] enabled = false: a study needs CLIP scores; remove the line")
-    walks = [{"name": name, "kind": "latent", "prompt": spec.prompts[k],
+    grid = {"gammas": list(spec.gammas)} if spec.gammas else {"frames": spec.frames}
+    walks = [{"name": name, "kind": "latent", "prompt": spec.prompts[k], "score_prompt": spec.scoring(k),
               "seeds": [f"{spec.first_seed + i}:0", f"{spec.first_seed + i}:1"],
-              "methods": list(spec.methods), "frames": spec.frames} for name, i, k in spec.units()]
+              "methods": list(spec.methods), **grid} for name, i, k in spec.units()]
     job = parse_job({**{k: v for k, v in data.items() if k != "study"}, "walk": walks}, source=source)
     return Study(spec, job)
 
@@ -106,7 +124,12 @@ def _parse_spec(raw: dict[str, Any]) -> StudySpec:
     for m in methods:
         if m not in METHODS:
             raise JobError(f"[study] methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
-    ints = {"pairs": (1, None), "first_seed": (0, 1), "frames": (2, 300), "bootstrap": (100, metrics.N_BOOT)}
+    scoring = _parse_scoring(raw, prompts)
+    gammas = _parse_gammas(raw)
+    if gammas:
+        raw = {**raw, "frames": len(gammas)}
+    ints = {"pairs": (1, None), "first_seed": (0, 1), "frames": (2, 300), "bootstrap": (100, metrics.N_BOOT),
+            "bins": (1, 5)}
     vals: dict[str, Any] = {}
     for key, (low, default) in ints.items():
         v = raw.get(key, default)
@@ -118,7 +141,39 @@ def _parse_spec(raw: dict[str, Any]) -> StudySpec:
     conf = raw.get("confidence", metrics.CONFIDENCE)
     if not isinstance(conf, float) or not 0.5 <= conf < 1:
         raise JobError(f"[study] confidence must be a float in [0.5, 1), got {conf!r}")
-    return StudySpec(tuple(prompts), methods=tuple(methods), confidence=conf, **vals)
+    lpips = raw.get("lpips", "auto")
+    from hpcwalk.pixelsteps import LPIPS_NETS
+
+    if lpips not in LPIPS_NETS:
+        raise JobError(f"[study] lpips: unknown value {lpips!r}; choose one of {', '.join(LPIPS_NETS)}")
+    return StudySpec(tuple(prompts), methods=tuple(methods), confidence=conf, score_prompts=scoring, gammas=gammas,
+                     lpips=lpips, **vals)
+
+
+def _parse_scoring(raw: dict[str, Any], prompts: list[str]) -> tuple[str, ...]:
+    """score_prompt (one text for every prompt) or score_prompts (one per prompt) -> one text per prompt."""
+    if "score_prompt" in raw and "score_prompts" in raw:
+        raise JobError("[study]: give score_prompt or score_prompts, not both")
+    if "score_prompt" in raw:
+        v = raw["score_prompt"]
+        if not isinstance(v, str) or not v:
+            raise JobError(f"[study] score_prompt must be a non-empty string, got {v!r}")
+        return (v,) * len(prompts)
+    v = raw.get("score_prompts", [])
+    if not isinstance(v, list) or not all(isinstance(p, str) and p for p in v):
+        raise JobError("[study] score_prompts must be a list of non-empty strings")
+    if v and len(v) != len(prompts):
+        raise JobError(f"[study] score_prompts needs one text per prompt ({len(prompts)}), got {len(v)}")
+    return tuple(v)
+
+
+def _parse_gammas(raw: dict[str, Any]) -> tuple[float, ...]:
+    """[study] gammas, checked as a walk's are (job._parse_walk_extras)."""
+    if "gammas" not in raw:
+        return ()
+    if "frames" in raw:
+        raise JobError("[study]: give frames or gammas, not both (frames = len(gammas))")
+    return parse_gammas(raw["gammas"], "[study]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,8 +187,9 @@ def clip_prefixes(table: pa.Table) -> list[str]:
                   key=lambda p: (p != "clip", p))
 
 
-def walk_table(study: Study, frames: pa.Table) -> pa.Table:
-    """study.parquet: one row per (seed pair, prompt, method) with InterpScore, smoothness, latent norm."""
+def walk_table(study: Study, frames: pa.Table, steps: Any = None) -> pa.Table:
+    """study.parquet: one row per (seed pair, prompt, method) with InterpScore, smoothness, latent norm,
+    sharpness and (given `steps`, a pixelsteps.Steps) the SSIM / LPIPS steps between consecutive frames."""
     spec = study.spec
     prefixes = clip_prefixes(frames)
     if not prefixes:
@@ -143,6 +199,8 @@ def walk_table(study: Study, frames: pa.Table) -> pa.Table:
     norm = frames["latent_norm"].to_numpy()
     scores = {p: frames[f"{p}_score"].to_numpy() for p in prefixes}
     embs = {p: _embeddings(frames[f"{p}_image"]) for p in prefixes}
+    sharp = frames["sharpness"].to_numpy() if "sharpness" in frames.column_names else None
+    step_of = _step_lookup(steps)
     starts = {(w, m): i for i, (w, m) in enumerate(zip(walk, method)) if i == 0 or (walk[i - 1], method[i - 1]) != (w, m)}
     rows: list[dict[str, Any]] = []
     for name, pair, k in spec.units():
@@ -153,15 +211,37 @@ def walk_table(study: Study, frames: pa.Table) -> pa.Table:
             if len(walk[sl]) != spec.frames or (walk[sl] != name).any() or (method[sl] != m).any():
                 raise JobError(f"walk {name}/{m} is incomplete: rerun the study to finish rendering")
             seed = spec.first_seed + pair
-            row = {"walk": name, "pair": pair, "prompt_index": k, "prompt": spec.prompts[k], "method": m,
+            row = {"walk": name, "pair": pair, "prompt_index": k, "prompt": spec.prompts[k],
+                   "score_prompt": spec.scoring(k), "method": m,
                    "seed_a": f"{seed}:0", "seed_b": f"{seed}:1", "frames": spec.frames,
                    "latent_norm_min": float(norm[sl].min()), "latent_norm_mean": float(norm[sl].mean())}
             for p in prefixes:
                 tag = "" if p == "clip" else f"_{p}"
                 row[f"interp_score{tag}"] = float(scores[p][sl].mean())  # InterpScore(f, text, n)
                 row.update({f"{key}{tag}": v for key, v in metrics.smoothness(embs[p][sl]).as_dict().items()})
+            if sharp is not None:
+                row.update(sharpness_mean=float(sharp[sl].mean()), sharpness_min=float(sharp[sl].min()))
+            for key, vals in step_of(name, m, spec.frames).items():
+                row.update({f"{key}_mean": float(vals.mean()), f"{key}_max": float(vals.max())})
             rows.append(row)
     return pa.Table.from_pylist(rows)
+
+
+def _step_lookup(steps: Any):
+    """(walk, method, n) -> {"ssim_step": (n - 1,), "lpips_step": (n - 1,)} from pixelsteps.Steps (none: {})."""
+    if steps is None:
+        return lambda walk, method, n: {}
+    where = {key: i for i, key in enumerate(steps.keys)}
+    cols = {"ssim_step": steps.ssim_step, **({"lpips_step": steps.lpips_step} if steps.lpips_step is not None else {})}
+
+    def get(walk: str, method: str, n: int) -> dict[str, np.ndarray]:
+        try:
+            idx = [where[(walk, method, i)] for i in range(1, n)]
+        except KeyError:
+            raise JobError(f"walk {walk}/{method}: a frame's image is missing: rerun the study") from None
+        return {k: v[idx] for k, v in cols.items()}
+
+    return get
 
 
 def _embeddings(col: pa.ChunkedArray) -> np.ndarray:
@@ -199,11 +279,14 @@ def _curves(frames: pa.Table, spec: StudySpec, column: str, steps: bool = False)
     return out
 
 
-def summarize(study: Study, frames: pa.Table, walks: pa.Table, clip_models: dict[str, str]) -> dict[str, Any]:
-    """study.json: per-method intervals, paired differences, curves with bands, over seed pairs."""
+def summarize(study: Study, frames: pa.Table, walks: pa.Table, clip_models: dict[str, str], steps: Any = None
+              ) -> dict[str, Any]:
+    """study.json: per-method intervals, paired differences, curves with bands, over seed pairs; every
+    yardstick's ranking and Holm-corrected comparisons, KID per gamma bin, agreement with CLIP, the answer.
+    `clip_models`: the frames' schema metadata (clip_model, encoder_model, model_id, ...)."""
     spec = study.spec
     boot = dict(n_boot=spec.bootstrap, confidence=spec.confidence)
-    gamma = np.linspace(0.0, 1.0, spec.frames)
+    gamma = spec.gamma()
     frames = _sorted(frames)
     prefixes = clip_prefixes(frames)
 
@@ -238,7 +321,67 @@ def summarize(study: Study, frames: pa.Table, walks: pa.Table, clip_models: dict
     out["latent_norm"] = {m: {key: norms[key][m] for key in norms} for m in spec.methods}
     out["latent_norm_curves"] = _curve_dict(_curves(frames, spec, "latent_norm"), gamma, boot)
     out["latent_norm_linear_theory"] = {"gamma": gamma.tolist(), "ratio": metrics.linear_norm_ratio(gamma).tolist()}
+    if "sharpness" in frames.column_names:
+        out["sharpness_curves"] = _curve_dict(_curves(frames, spec, "sharpness"), gamma, boot)
+    if steps is not None:
+        mid = (gamma[1:] + gamma[:-1]) / 2
+        for key in ("ssim_step", "lpips_step"):
+            if getattr(steps, key) is not None:
+                out[f"{key}_curves"] = _curve_dict(_step_curves(steps, spec, key), mid, boot)
+    _yardsticks(out, study, frames, walks, clip_models)
     return out
+
+
+def _step_curves(steps: Any, spec: StudySpec, key: str) -> dict[str, np.ndarray]:
+    """method -> (pairs, n - 1) pixel steps along the walk, averaged over prompts."""
+    get = _step_lookup(steps)
+    out = {}
+    for m in spec.methods:
+        acc = np.zeros((spec.pairs, spec.frames - 1))
+        for name, pair, _ in spec.units():
+            acc[pair] += get(name, m, spec.frames)[key]
+        out[m] = acc / len(spec.prompts)
+    return out
+
+
+def _yardsticks(out: dict[str, Any], study: Study, frames: pa.Table, walks: pa.Table, meta: dict[str, str]) -> None:
+    """out["yardsticks"], out["kid"], out["answer"], out["warnings"] (see hpcwalk/yardsticks.py)."""
+    spec = study.spec
+    conf, n_boot = spec.confidence, spec.bootstrap
+    ys: dict[str, dict[str, Any]] = {}
+    clip_pairs = _per_pair(walks, spec, "interp_score")
+    for y in yardsticks.walk_yardsticks(walks.column_names, out["clip_models"]):
+        per = _per_pair(walks, spec, y.column)
+        ys[y.name] = {"label": y.label, **yardsticks.compare_walk_values(per, y.better, n_boot, conf)}
+        if y.name != "interp_score":
+            ys[y.name]["agreement"] = yardsticks.agreement(clip_pairs, per, y.better, n_boot, conf)
+    # KID per gamma bin on CLIP's and the encoder's features, pairs resampled with one set of weights
+    frames = _sorted(frames)
+    walk, method = frames["walk"].to_numpy(zero_copy_only=False), frames["method"].to_numpy(zero_copy_only=False)
+    starts = {(w, m): i for i, (w, m) in enumerate(zip(walk, method)) if i == 0 or (walk[i - 1], method[i - 1]) != (w, m)}
+
+    def rows(m: str, idx: np.ndarray) -> np.ndarray:  # (P, prompts * len(idx)) row numbers
+        return np.array([np.concatenate([starts[(spec.walk_name(p, k), m)] + idx for k in range(len(spec.prompts))])
+                         for p in range(spec.pairs)])
+
+    weights = metrics.bootstrap_weights(spec.pairs, min(n_boot, yardsticks.KID_BOOT), seed=1)
+    out["kid"] = {}
+    encoder = meta.get("encoder_model", "")
+    for prefix, label in (("clip", "CLIP"), ("encoder", encoder)):
+        if f"{prefix}_image" not in frames.column_names or not yardsticks.gamma_bins(spec.gamma(), spec.bins):
+            continue
+        res = yardsticks.kid_analysis(_embeddings(frames[f"{prefix}_image"]), rows, spec.methods, spec.gamma(),
+                                      spec.bins, weights, conf)
+        out["kid"][prefix] = {"label": label, "bins": res["bins"], "per_bin": res["per_bin"]}
+        name = f"kid_{prefix}"
+        ys[name] = {"label": f"KID ({label} features)",
+                    **yardsticks.compare_set_values(res["estimate"], res["boots"], spec.pairs, "lower", conf),
+                    "agreement": yardsticks.agreement(clip_pairs, res["per_pair"], "lower", n_boot, conf)}
+    out["yardsticks"] = ys
+    lpips = meta.get("lpips", "none")
+    out["answer"] = yardsticks.answer(ys, spec.pairs, conf)
+    out["warnings"] = yardsticks.warning_lines(spec.pairs, out, meta, lpips)
+    out["random_weights"] = yardsticks.random_models(meta, lpips)
 
 
 def _select(walks: pa.Table, prompt_index: int, method: str) -> pa.Table:
@@ -290,12 +433,50 @@ def run_study(study: Study, out: str, overwrite: bool = False, progress: bool = 
     cols = [n for n in _frame_columns(out) if n != "image"]
     frames = read_frames(out, columns=cols)
     meta = {k.decode(): v.decode() for k, v in (frames.schema.metadata or {}).items()}
-    walks = walk_table(study, frames)
-    # 3. the summary, the table, the report
-    summary_json = summarize(study, frames, walks, meta)
+    # 3. pixel and perceptual steps between consecutive frames (images read back, one shard at a time)
+    steps = _pixel_steps(study, out, progress)
+    meta["lpips"] = resolve_lpips(study.spec.lpips, study.job.model.id)
+    walks = walk_table(study, frames, steps)
+    # 4. the summary, the table, the report
+    summary_json = summarize(study, frames, walks, meta, steps)
     files = write_outputs(out, walks, summary_json)
     files += write_report(out, summary_json, walks)
     return StudyResult("done", summary, files)
+
+
+def check_yardsticks(study: Study) -> None:
+    """What can fail in the analysis, checked before any work: LPIPS weights, frame size for SSIM."""
+    from hpcwalk.pixelsteps import SSIM_WINDOW, check_lpips
+
+    check_lpips(resolve_lpips(study.spec.lpips, study.job.model.id))
+    s = study.job.sampling
+    if min(s.height, s.width) < SSIM_WINDOW:
+        raise JobError(f"[sampling] height and width must be >= {SSIM_WINDOW} in a study (the SSIM window), "
+                       f"got {s.height}x{s.width}")
+
+
+def _pixel_steps(study: Study, out: str, progress: bool) -> Any:
+    """SSIM and LPIPS steps of every walk, on the render device (pixelsteps.run_steps)."""
+    import sys
+
+    from tqdm import tqdm
+
+    from hpcwalk.models import resolve_device
+    from hpcwalk.pixelsteps import load_lpips, run_steps
+
+    check_yardsticks(study)
+    device = resolve_device(study.job.render.device)
+    net = resolve_lpips(study.spec.lpips, study.job.model.id)
+    model = load_lpips(net, device) if net != "none" else None
+    total = len(study.spec.units()) * len(study.spec.methods) * (study.spec.frames - 1)
+    with tqdm(total=total, unit="step", desc="pixel steps", disable=not progress, file=sys.stderr) as bar:
+        return run_steps(out, model, device, study.job.render.batch_size, progress=bar.update)
+
+
+def resolve_lpips(net: str, sd_model: str) -> str:
+    from hpcwalk.pixelsteps import resolve_lpips as resolve
+
+    return resolve(net, sd_model)
 
 
 def _frame_columns(out: str) -> list[str]:

@@ -27,6 +27,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from hpcwalk import figures
+from hpcwalk.colors import METHOD_COLORS, PALETTE
 from hpcwalk.runindex import RunIndex, Track, evenly_spaced, iter_images, param_text
 
 MARKER = ".hpcwalk-viewer"
@@ -97,7 +98,7 @@ def build_viewer(index: RunIndex, out: str | None = None, thumb_size: int = 160,
     figures.trajectory_figure(os.path.join(out, traj))
     written.append(traj)
     # 4. data.js, the static files, index.html last (temporary name + rename)
-    data = {"run": _run_data(index), "missing": index.missing_report(), "walks": walks,
+    data = {"run": _run_data(index), "missing": index.missing_report(), "walks": walks, "colors": METHOD_COLORS, "palette": list(PALETTE),
             "figures": [{"title": "How linear, normalized and slerp paths differ between two draws of a 2-D "
                                   "normal (computed with hpcwalk.interp)", "src": traj}]}
     _write(out, "data.js", ("window.HPCWALK = " + json.dumps(data, separators=(",", ":"), allow_nan=False)

@@ -9,7 +9,9 @@
     walksEl.textContent = "data.js did not load: keep index.html, data.js, viewer.js and the image folders together.";
     return;
   }
-  var COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"];
+  // method colours come from hpcwalk/colors.py through data.js (one table for report, figures and viewer)
+  var METHOD_COLORS = D.colors || {};
+  var PALETTE = D.palette && D.palette.length ? D.palette : ["#7f7f7f"];
   var SVGNS = "http://www.w3.org/2000/svg";
   var views = [];
   var active = 0;
@@ -194,6 +196,13 @@
   }
 
   // 3. the CLIP-score curve, one line per method and score column, with the position marked
+  function trackColors(tracks) {
+    var k = 0;
+    return tracks.map(function (v) {
+      return METHOD_COLORS[v.t.method] || PALETTE[k++ % PALETTE.length];
+    });
+  }
+
   function makeChart(w, tracks) {
     var box = el("div", {"class": "chart"});
     if (!w.scores.length) {
@@ -202,6 +211,7 @@
     }
     var W = 800, H = 170, L = 44, R = 10, T = 10, B = 26, n = w.positions.length;
     var series = [];
+    var colors = trackColors(tracks);
     tracks.forEach(function (v, j) {
       w.scores.forEach(function (c, s) {
         var pts = w.positions.map(function (i, p) {
@@ -209,7 +219,7 @@
           var y = r === undefined ? null : v.t.scores[c][r];
           return y == null ? null : [p, y];
         });
-        series.push({label: v.t.label + " · " + scoreLabel(c), color: COLORS[j % COLORS.length], dash: s > 0, pts: pts});
+        series.push({label: v.t.label + " · " + scoreLabel(c), color: colors[j], dash: s > 0, pts: pts, method: v.t.method});
       });
     });
     var ys = [];
@@ -238,7 +248,7 @@
         d += (pen ? "L" : "M") + x(q[0]).toFixed(1) + " " + y(q[1]).toFixed(1);
         pen = true;
       });
-      g.appendChild(svg("path", {d: d, fill: "none", stroke: s.color, "stroke-width": 1.6,
+      g.appendChild(svg("path", {d: d, fill: "none", stroke: s.color, "stroke-width": 1.6, "data-method": s.method,
         "stroke-dasharray": s.dash ? "5 3" : "none", "vector-effect": "non-scaling-stroke"}));
       var dot = svg("circle", {r: 3.5, fill: s.color, "class": "dot"});
       g.appendChild(dot);
