@@ -60,10 +60,22 @@ def test_study_writes_all_three_outputs(study_run):
     assert len(summary["step_curves"]["clip"]["slerp"]["mean"]) == 8
     html = (out / "report.html").read_text()
     pngs = re.findall(r"src='data:image/png;base64,([^']+)'", html)
-    assert len(pngs) == 5 and all(base64.b64decode(p).startswith(b"\x89PNG") for p in pngs)
-    for name in ("interp_score", "paired_differences", "score_vs_gamma", "latent_norm", "smoothness"):
+    assert len(pngs) == 6 and all(base64.b64decode(p).startswith(b"\x89PNG") for p in pngs)
+    for name in ("interp_score", "paired_differences", "score_vs_gamma", "latent_norm", "smoothness", "yardsticks"):
         assert (out / "figures" / f"{name}.png").read_bytes().startswith(b"\x89PNG")
     assert "InterpScore clip     linear:" in output and "report:" in output
+    # every yardstick, on tiny: CLIP, sharpness, SSIM and LPIPS steps, KID on CLIP and tiny-dinov2 features
+    assert list(summary["yardsticks"]) == ["interp_score", "sharpness", "ssim_step", "lpips_step", "kid_clip",
+                                           "kid_encoder"]
+    for name, y in summary["yardsticks"].items():
+        assert sorted(y["ranking"]) == ["linear", "normalized", "slerp"] and len(y["paired"]) == 3
+        assert all(0 <= t["p"] <= t["p_holm"] <= 1 for t in y["paired"].values()), name
+        assert (name == "interp_score") == ("agreement" not in y)
+    assert summary["answer"].startswith("Rankings over 4 seed pairs") and "CLIP's ranking" in summary["answer"]
+    assert any("Only 4 seed pairs" in w for w in summary["warnings"])
+    assert any(w.startswith("Random weights: the Stable Diffusion model (tiny), CLIP tiny-clip/none, the encoder "
+                            "tiny-dinov2, LPIPS alex-random") for w in summary["warnings"])
+    assert html.index("id=answer") < html.index("id=warnings") < html.index("<h2>Results")
 
 
 def test_study_rows_are_the_formulas_over_the_frames(study_run):
@@ -88,6 +100,12 @@ def test_study_rows_are_the_formulas_over_the_frames(study_run):
         assert r["interp_score"] == pytest.approx(score, rel=1e-6)
         assert r["path_length"] == pytest.approx(path, rel=1e-3, abs=1e-6)
         assert r["max_step"] == pytest.approx(jump, rel=1e-3, abs=1e-6)
+    sharp = dict(((w, m), v) for w, m, v in duckdb.sql(
+        f"SELECT walk, method, avg(sharpness) FROM '{frames}' GROUP BY ALL").fetchall())
+    for key, r in got.items():
+        assert r["sharpness_mean"] == pytest.approx(sharp[key], rel=1e-5)
+        assert 0 < r["ssim_step_mean"] <= r["ssim_step_max"] < 1 and 0 <= r["lpips_step_mean"] <= r["lpips_step_max"]
+        assert r["score_prompt"] == "A high resolution image of a cat" and r["prompt"] == "An high resolution photo of a cat"
     # the distribution shift linear interpolation causes: ||z|| / sqrt(dim) dips to ~1/sqrt(2) at gamma 0.5
     for r in got.values():
         if r["method"] == "linear":
