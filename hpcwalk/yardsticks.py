@@ -16,8 +16,8 @@ KID per gamma bin: the interior frames (0 < gamma < 1) whose gamma falls in the 
 pair and prompt, against every pair's endpoint frames (gamma 0 and 1, the ordinary samples of N(0, I)),
 kernel (x.y + 1)^3 on the unit embeddings (KID's (x.y/d + 1)^3 on embeddings of norm sqrt(d)), as a
 U-statistic over distinct pairs (metrics.kid_from_blocks); its yardstick value is the mean over bins.
-Walk yardsticks get paired bootstrap intervals and p-values; set yardsticks bootstrap the pairs with one
-set of resample weights shared by all methods, so differences are paired too. Each yardstick's
+Walk yardsticks get paired bootstrap intervals and sign-flip p-values (exact for few pairs); set yardsticks
+bootstrap the pairs with one set of resample weights shared by all methods, so differences are paired too. Each yardstick's
 M(M-1)/2 pairwise comparisons are Holm-corrected at alpha = 1 - confidence. Agreement with CLIP: per
 pair, Kendall's tau-b between the methods' InterpScores and the yardstick's values (oriented: higher =
 better; KID: each pair's share of it), averaged over pairs with a bootstrap interval.
