@@ -183,16 +183,10 @@ def check_job_clip(job: RenderJob, here: bool = True) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ClipScorer:
-    """One open_clip model: device preprocessing, image and text embeddings, CLIPScore columns."""
+class OnDevice:
+    """The device and dtype of a wrapper's `model` (its parameters'): for ClipScorer and encoder.ImageEncoder."""
 
     model: torch.nn.Module
-    tokenizer: Any
-    preprocess_cfg: Preprocess
-    name: str  # "model/pretrained"
-    prefix: str = "clip"  # column prefix: clip_image, clip_score, clip_score_b
-    _text: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -201,6 +195,18 @@ class ClipScorer:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+
+@dataclass
+class ClipScorer(OnDevice):
+    """One open_clip model: device preprocessing, image and text embeddings, CLIPScore columns."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    preprocess_cfg: Preprocess
+    name: str  # "model/pretrained"
+    prefix: str = "clip"  # column prefix: clip_image, clip_score, clip_score_b
+    _text: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) on any device -> normalized float (N, 3, S, S), as open_clip's eval transform."""

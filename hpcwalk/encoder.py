@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from hpcwalk.clip import OnDevice
 from hpcwalk.models import ModelLoadError
 
 RANDOM_ENCODERS = ("tiny-dinov2",)  # built in, random weights (stated in the run metadata by name)
@@ -101,7 +102,7 @@ def cached_snapshot(repo: str, cache_dir: str | None = None) -> str:
 
 
 @dataclass
-class ImageEncoder:
+class ImageEncoder(OnDevice):
     """One image encoder: device preprocessing of uint8 frames, unit-norm pooled features."""
 
     model: torch.nn.Module
@@ -112,14 +113,6 @@ class ImageEncoder:
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
     prefix: str = "encoder"  # column: encoder_image
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) -> normalized float (N, 3, h, w): resize the short side, center crop, mean/std."""
