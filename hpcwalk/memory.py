@@ -166,7 +166,11 @@ def check_batch_memory(components: Any, batch: int, height: int, width: int, cfg
     if not est.fits:
         fix = f"use batch_size {est.largest_batch} or less" if est.largest_batch else "lower height/width"
         raise CompileError(
-            f"[render] batch_size {batch} needs about {est.need() / GIB:.2f} GiB on {components.device} at "
+            f"[render] batch_size {batch} needs about {_size(est.need())} on {components.device} at "
             f"{height}x{width} (estimated: {MARGIN} x the peak measured at 1 and 2 frames, extrapolated), but "
-            f"{est.free_bytes / GIB:.2f} GiB is free ({est.source}): {fix}")
+            f"{_size(est.free_bytes)} is free ({est.source}): {fix}")
     return est
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
