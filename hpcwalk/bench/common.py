@@ -4,7 +4,7 @@ Timers follow nanoGPT's bench.py: warm-up calls apart (the first one reported as
 something compiles), then timed calls, each measured with CUDA events on a GPU and perf_counter on
 the CPU, summarised as median, p10 and p90.
 
-    python benchmarks/common.py table benchmarks/results/throughput-cpu-tiny.json   # markdown table
+    python -m hpcwalk.bench.common table benchmarks/results/throughput-cpu-tiny-float32.json   # markdown table
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = "bench-results"  # where `hpcwalk bench` writes JSON, relative to the working folder (--out changes it)
 
 # Peak dense fp16/bf16 tensor-core TFLOP/s (no sparsity) by device name, first match wins; vendor
 # datasheets. A device not matched here gets utilisation null: it is never guessed.
@@ -77,6 +77,9 @@ def versions() -> dict[str, str]:
         out["triton"] = triton.__version__
     except ImportError:
         out["triton"] = "absent"
+    from hpcwalk.fp8 import torchao_version
+
+    out["torchao"] = torchao_version() or "absent"
     return out
 
 
@@ -150,28 +153,62 @@ def slug(text: str) -> str:
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    """The headline table of a throughput or step-latency result."""
+    """The headline table(s) of a throughput, step-latency or long-run result, in benchmarks/README.md's columns."""
     dev = result["device"]["name"]
     if result["benchmark"] == "throughput":
-        lines = ["| system | frames/s | s per walk (median) | vs diffusers | TFLOP/s | util |", "|---|---|---|---|---|---|"]
-        base = result["figures"]["diffusers"]["frames_per_s"]
-        for name, f in result["figures"].items():
-            ratio = f["frames_per_s"] / base if base else float("nan")
-            tflops = "-" if f.get("tflops") is None else f"{f['tflops']:.4g}"
-            util = "null" if f.get("utilisation") is None else f"{100 * f['utilisation']:.1f}%"
-            lines.append(f"| {name} | {f['frames_per_s']:.2f} | {f['median_s']:.2f} | {ratio:.2f}x | {tflops} | {util} |")
+        return f"{dev}\n\n" + throughput_table(result)
+    if result["benchmark"] == "longrun":
+        lines = ["| encode pool | frames | frames/s | s (median) | render s | encode s |", "|---|---|---|---|---|---|"]
+        for r in result["rows"]:
+            lines.append(f"| {r['pool']} | {r['frames']} | {r['frames_per_s']:.2f} | {r['median_s']:.2f} | "
+                         f"{r['render_s']:.2f} | {r['encode_s']:.2f} |")
         return f"{dev}\n\n" + "\n".join(lines)
-    lines = ["| module | dtype | attention | compile | batch | median ms | p10 ms | p90 ms | TFLOP/s | util |",
+    lines = ["| module | dtype | attention | compile | frames | median ms | p10 ms | p90 ms | TFLOP/s | util |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        util = "null" if r.get("utilisation") is None else f"{100 * r['utilisation']:.1f}%"
-        lines.append(f"| {r['module']} | {r['dtype']} | {r['attention']} | {r['compile']} | {r['batch']} | "
+        extras = [r.get("levers") or "", "" if r.get("inductor", "default") == "default" else r["inductor"],
+                  "" if r.get("quantize", "none") == "none" else r["quantize"]]
+        compile = " ".join([r["compile"], *[f"+{x}" for x in extras if x]])
+        lines.append(f"| {r['module']} | {r['dtype']} | {r['attention']} | {compile} | {r['batch']} | "
                      f"{1e3 * r['median_s']:.2f} | {1e3 * r['p10_s']:.2f} | {1e3 * r['p90_s']:.2f} | "
-                     f"{r['tflops']:.4g} | {util} |")
+                     f"{r['tflops']:.4g} | {_util(r.get('utilisation'))} |")
     return f"{dev}\n\n" + "\n".join(lines)
+
+
+def throughput_table(result: dict[str, Any]) -> str:
+    """Systems with frames/s and ratios to both baselines; then the quality of inexact paths, if any."""
+    figures = result["figures"]
+    base = figures["diffusers"]["frames_per_s"]
+    recipe = figures.get("diffusers_recipe", {}).get("frames_per_s")
+    lines = ["| system | frames/s | s per walk (median) | vs diffusers | vs diffusers recipe | TFLOP/s | util |",
+             "|---|---|---|---|---|---|---|"]
+    for name, f in figures.items():
+        vs_recipe = f"{f['frames_per_s'] / recipe:.2f}x" if recipe else "-"
+        tflops = "-" if f.get("tflops") is None else f"{f['tflops']:.4g}"
+        lines.append(f"| {name} | {f['frames_per_s']:.2f} | {f['median_s']:.2f} | {f['frames_per_s'] / base:.2f}x | "
+                     f"{vs_recipe} | {tflops} | {_util(f.get('utilisation'))} |")
+    for name, why in result.get("not_measured", {}).items():
+        lines.append(f"| {name} | not measured: {why} | | | | | |")
+    mode = result.get("settings", {}).get("recipe_mode")
+    if mode:
+        lines.append(f"\ndiffusers_recipe: diffusers' documented recipe (fused QKV, channels_last, inductor flags), "
+                     f"torch.compile mode {mode!r}")
+    quality = result.get("quality", {})
+    if quality:
+        lines += ["", "| system vs reference | PSNR dB | max abs diff | mean abs diff | CLIP score delta | sharpness delta |",
+                  "|---|---|---|---|---|---|"]
+        for name, q in quality.items():
+            psnr = "identical" if q["psnr_db"] is None else f"{q['psnr_db']:.2f}"
+            lines.append(f"| {name} vs {q['reference']} | {psnr} | {q['max_abs_diff']} | "
+                         f"{q['mean_abs_diff']:.3f} | {q['clip_score_delta']:+.3f} | {q['sharpness_delta']:+.2%} |")
+    return "\n".join(lines)
+
+
+def _util(u: float | None) -> str:
+    return "null" if u is None else f"{100 * u:.1f}%"
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "table":
-        sys.exit("usage: python benchmarks/common.py table RESULT.json")
+        sys.exit("usage: python -m hpcwalk.bench.common table RESULT.json")
     print(markdown_table(json.loads(Path(sys.argv[2]).read_text())))

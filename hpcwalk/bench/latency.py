@@ -6,52 +6,71 @@ as `compile_s`), then `--iters` timed calls (CUDA events on a GPU, perf_counter 
 median / p10 / p90. FLOPs of one call are counted by torch.utils.flop_counter on the eager module
 (matmuls, convolutions and attention; elementwise work is not counted), giving achieved TFLOP/s
 and, on a GPU with a known peak (benchmarks/common.py), utilisation; elsewhere utilisation is null.
-The kernel rows time each kernel against its torch reference, eager and torch.compile'd.
+The kernel rows time each kernel against its torch reference, eager and (on CUDA, or with
+--compiled-kernels) torch.compile'd. The default is quick on a CPU: tiny model, 128x128, 1 frame.
 
-    python benchmarks/step_latency.py --smoke                                   # CPU, tiny model
-    python benchmarks/step_latency.py --model sd14-random --dtypes float16 --batches 1,4,8 \
-        --compile none,default,max-autotune --attention sdpa,cudnn
+    hpcwalk bench latency                                                       # CPU: seconds
+    hpcwalk bench latency --model sd14-random --dtypes float16 --batches 8,16,32 --compile none,default \
+        --attention sdpa,cudnn --levers channels_last,fuse_qkv --inductor conv1x1-mm+coordinate-descent
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from hpcwalk.bench import common
+
+LEVERS = ("channels_last", "fuse_qkv", "cudnn_benchmark")  # boolean [compile] options --levers may turn on
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None, default_out: str = common.DEFAULT_OUT) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="hpcwalk bench latency", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtypes", default="float32", help="comma list: float32,float16,bfloat16")
     p.add_argument("--attention", default="sdpa", help="comma list: sdpa,xformers,cudnn")
-    p.add_argument("--compile", default="none", help="comma list: none,default,max-autotune,reduce-overhead")
-    p.add_argument("--batches", default="1,4", help="comma list of frames per micro-batch (the UNet sees 2x with CFG)")
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--compile", default="none", help="comma list: none,default,max-autotune,max-autotune-no-cudagraphs,reduce-overhead")
+    p.add_argument("--levers", default="", help=f"comma list of [compile] options turned on for every row: {','.join(LEVERS)}")
+    p.add_argument("--inductor", default="default", help="[compile] inductor tunings for the compiled rows (see hpcwalk/compile.py)")
+    p.add_argument("--quantize", default="none", help="[compile] quantize for every row: none | fp8 | fp8-rowwise (CUDA, torchao)")
+    p.add_argument("--batches", default=None, help="comma list of frames per micro-batch (the UNet sees 2x with CFG; "
+                   "default 1,4 on CUDA, 1 on the CPU)")
+    p.add_argument("--height", type=int, default=None, help="default 512 on CUDA, 128 on the CPU")
+    p.add_argument("--width", type=int, default=None, help="default 512 on CUDA, 128 on the CPU")
+    p.add_argument("--warmup", type=int, default=None, help="default 3 on CUDA, 1 on the CPU")
+    p.add_argument("--iters", type=int, default=None, help="default 20 on CUDA, 5 on the CPU")
+    p.add_argument("--compiled-kernels", action="store_true", help="also time torch.compile of the kernels' references "
+                   "on the CPU (always on CUDA, never in --smoke)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--parts", default="unet,vae,clip,kernels", help="comma list of what to time")
     p.add_argument("--clip-model", default=None, help="open_clip model (default: tiny-clip for tiny, ViT-L-14 otherwise; random weights)")
     p.add_argument("--skip-unavailable", action="store_true",
                    help="record a compile mode / attention backend that cannot run here under `unavailable` and go on (default: stop with its error)")
     p.add_argument("--smoke", action="store_true", help="tiny model, 64x64, batch 1, 2 iterations (CI)")
-    p.add_argument("--out", default=str(common.RESULTS))
+    p.add_argument("--out", default=default_out, help=f"folder for the JSON result (default {default_out})")
     p.add_argument("--name", default=None)
     p.add_argument("--note", default="")
     a = p.parse_args(argv)
     if a.smoke:
         a.model, a.height, a.width, a.batches, a.warmup, a.iters = "tiny", 64, 64, "1", 1, 2
+    bad = [x for x in _list(a.levers) if x not in LEVERS]
+    if bad:
+        p.error(f"--levers {bad[0]!r}: choose from {', '.join(LEVERS)}")
     return a
+
+
+def device_defaults(a: argparse.Namespace, device: torch.device) -> None:
+    """Fill the sizes left unset: a full SD step on CUDA, a quick look on the CPU."""
+    cuda = device.type == "cuda"
+    for name, on_cuda, on_cpu in (("height", 512, 128), ("width", 512, 128), ("batches", "1,4", "1"),
+                                  ("warmup", 3, 1), ("iters", 20, 5)):
+        if getattr(a, name) is None:
+            setattr(a, name, on_cuda if cuda else on_cpu)
 
 
 def _list(text: str) -> list[str]:
@@ -81,7 +100,10 @@ def unet_rows(a: argparse.Namespace, c, mode: str, attention: str, dtype: str) -
     """UNet per step (and VAE decode, when asked) under one compile config, every batch size."""
     from hpcwalk.compile import CompileConfig, prepare
 
-    speed = prepare(CompileConfig(mode=mode, attention=attention, scope="unet+vae"), c)
+    levers = {x: True for x in _list(a.levers)}
+    inductor = a.inductor if mode != "none" else "default"
+    speed = prepare(CompileConfig(mode=mode, attention=attention, scope="unet+vae", inductor=inductor,
+                                  quantize=a.quantize, **levers), c)
     h, w = a.height // 8, a.width // 8
     d = c.unet.config.cross_attention_dim
     rows = []
@@ -89,7 +111,8 @@ def unet_rows(a: argparse.Namespace, c, mode: str, attention: str, dtype: str) -
         x = torch.randn(2 * b, 4, h, w, device=c.device, dtype=c.dtype)
         emb = torch.randn(2 * b, 77, d, device=c.device, dtype=c.dtype)
         t = torch.tensor(500, device=c.device)
-        labels = dict(dtype=dtype, attention=attention, compile=mode, batch=b)
+        labels = dict(dtype=dtype, attention=attention, compile=mode, batch=b, levers=a.levers, inductor=inductor,
+                      quantize=a.quantize)
         if "unet" in a.parts:
             def step(fn=speed.unet):
                 speed.mark_step()
@@ -148,7 +171,7 @@ def kernel_rows(a: argparse.Namespace, device: torch.device) -> list[dict[str, A
             ("guided_dpm", "torch", lambda: gd.reference(eps, x, prev, coef, 7, 7.5, True)),
             ("decode_postprocess", "torch", lambda: dp.reference(img)),
         ]
-        if not a.smoke:  # the bar a kernel must beat: inductor's fusion of the same reference
+        if not a.smoke and (device.type == "cuda" or a.compiled_kernels):  # the bar a kernel must beat: inductor's fusion
             compiled_step = torch.compile(gd.reference, dynamic=False)
             compiled_post = torch.compile(dp.reference, dynamic=False)
             cases.insert(1, ("guided_dpm", "torch.compile", lambda: compiled_step(eps, x, prev, coef, 7, 7.5, True)))
@@ -171,25 +194,28 @@ def kernel_rows(a: argparse.Namespace, device: torch.device) -> list[dict[str, A
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None, default_out: str = common.DEFAULT_OUT) -> Path:
     from hpcwalk.compile import CompileConfig, CompileError
     from hpcwalk.models import load_components, resolve_device
 
     # 1. settings; every combination is checked before anything is timed
-    a = parse_args(argv)
+    a = parse_args(argv, default_out)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = resolve_device(a.device)
+    device_defaults(a, device)
     unavailable: dict[str, str] = {}
     for option, values in (("mode", _list(a.compile)), ("attention", _list(a.attention))):
         for v in values:
             try:
-                CompileConfig(**{option: v}).check(device)
+                CompileConfig(**{option: v}).check(device)  # a mode or backend this device cannot run
             except CompileError as e:
                 if not a.skip_unavailable:
                     raise
                 unavailable[v] = str(e)
                 print(f"unavailable, skipped: {e}", flush=True)
+    for dtype in _list(a.dtypes):  # the levers and quantize apply to every row: they must run here
+        CompileConfig(quantize=a.quantize, **{x: True for x in _list(a.levers)}).check(device, dtype=dtype)
     modes = [m for m in _list(a.compile) if m not in unavailable]
     attentions = [x for x in _list(a.attention) if x not in unavailable]
     load0 = common.load_average()
@@ -221,7 +247,8 @@ def main(argv: list[str] | None = None) -> Path:
         "versions": common.versions(),
         "settings": {"model": a.model, "height": a.height, "width": a.width, "dtypes": _list(a.dtypes),
                      "attention": _list(a.attention), "compile": _list(a.compile), "batches": _list(a.batches),
-                     "warmup": a.warmup, "iters": a.iters, "threads": torch.get_num_threads(), "smoke": a.smoke},
+                     "warmup": a.warmup, "iters": a.iters, "threads": torch.get_num_threads(), "smoke": a.smoke,
+                     "levers": _list(a.levers), "inductor": a.inductor, "quantize": a.quantize},
         "rows": [r for r in rows if r["module"] != "kernel"],
         "kernels": [r for r in rows if r["module"] == "kernel"],
         "unavailable": unavailable,

@@ -1,0 +1,13 @@
+"""`python benchmarks/throughput.py ARGS` is `hpcwalk bench throughput ARGS` writing to benchmarks/results/ by default.
+
+The harness itself is installed with the package (hpcwalk/bench/throughput.py); this file keeps the source
+checkout's old command working. `--help` lists the options.
+"""
+
+import sys
+from pathlib import Path
+
+from hpcwalk.bench import run
+
+if __name__ == "__main__":
+    sys.exit(run("throughput", sys.argv[1:], default_out=str(Path(__file__).resolve().parent / "results")))
