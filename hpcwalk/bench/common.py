@@ -139,6 +139,13 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
+def add_output_options(p: Any, default_out: str, default_name: str) -> None:
+    """--out, --name and --note, which every benchmark takes (`p` an argparse parser)."""
+    p.add_argument("--out", default=default_out, help=f"folder for the JSON result (default {default_out})")
+    p.add_argument("--name", default=None, help=f"result file name without .json (default {default_name})")
+    p.add_argument("--note", default="", help="free text stored in the JSON (e.g. the host's load)")
+
+
 def write_result(result: dict[str, Any], out_dir: str | Path, name: str) -> Path:
     """Write `result` as indented JSON to out_dir/name.json and return the path."""
     out = Path(out_dir)

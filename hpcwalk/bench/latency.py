@@ -52,9 +52,7 @@ def parse_args(argv: list[str] | None = None, default_out: str = common.DEFAULT_
     p.add_argument("--skip-unavailable", action="store_true",
                    help="record a compile mode / attention backend that cannot run here under `unavailable` and go on (default: stop with its error)")
     p.add_argument("--smoke", action="store_true", help="tiny model, 64x64, batch 1, 2 iterations (CI)")
-    p.add_argument("--out", default=default_out, help=f"folder for the JSON result (default {default_out})")
-    p.add_argument("--name", default=None)
-    p.add_argument("--note", default="")
+    common.add_output_options(p, default_out, "step-latency-DEVICE-MODEL[-smoke]")
     a = p.parse_args(argv)
     if a.smoke:
         a.model, a.height, a.width, a.batches, a.warmup, a.iters = "tiny", 64, 64, "1", 1, 2

@@ -41,9 +41,7 @@ def parse_args(argv: list[str] | None = None, default_out: str = common.DEFAULT_
     p.add_argument("--repeats", type=int, default=1)
     add_compile_options(p)
     p.add_argument("--smoke", action="store_true", help="tiny model, 64x64, 16 frames, 2 steps, batch 2, pools 1,2 (CI)")
-    p.add_argument("--out", default=default_out, help=f"folder for the JSON result (default {default_out})")
-    p.add_argument("--name", default=None)
-    p.add_argument("--note", default="")
+    common.add_output_options(p, default_out, "longrun-DEVICE-MODEL[-smoke]")
     a = p.parse_args(argv)
     if a.smoke:
         a.model, a.height, a.width, a.frames, a.steps, a.batch, a.pools = "tiny", 64, 64, 16, 2, 2, "1,2"

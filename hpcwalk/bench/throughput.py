@@ -67,9 +67,7 @@ def parse_args(argv: list[str] | None = None, default_out: str = common.DEFAULT_
     p.add_argument("--peer", action="append", default=[], choices=["sdv"], help="also run a peer (sdv: stable-diffusion-videos)")
     p.add_argument("--sdv-python", default=os.environ.get("SDV_PYTHON", str(Path.home() / ".cache/hpcwalk/sdv-venv/bin/python")))
     p.add_argument("--smoke", action="store_true", help="tiny model, 64x64, 4 frames, 4 steps, 1 repeat (CI)")
-    p.add_argument("--out", default=default_out, help=f"folder for the JSON result (default {default_out})")
-    p.add_argument("--name", default=None, help="result file name (default: throughput-DEVICE-MODEL-DTYPE[-smoke])")
-    p.add_argument("--note", default="", help="free text stored in the JSON (e.g. the host's load)")
+    common.add_output_options(p, default_out, "throughput-DEVICE-MODEL-DTYPE[-smoke]")
     a = p.parse_args(argv)
     if a.smoke:
         a.model, a.height, a.width, a.frames, a.steps, a.batch, a.repeats = "tiny", 64, 64, 4, 4, 2, 1
