@@ -6,9 +6,8 @@ Frames are uint8 arrays (N, H, W, 3) of the same walk rendered two ways; `ref` i
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601
+LUMA = (0.2125, 0.7154, 0.0721)  # BT.709 on 0..255, as skimage.color.rgb2gray
 
 
 def psnr(ref: np.ndarray, test: np.ndarray) -> float:
@@ -18,12 +17,13 @@ def psnr(ref: np.ndarray, test: np.ndarray) -> float:
 
 
 def sharpness(frames: np.ndarray) -> np.ndarray:
-    """Variance of the Laplacian of each frame's luma (edges replicated), (N, H, W, 3) uint8 -> (N,) float."""
-    y = torch.from_numpy(frames.astype(np.float64)) @ torch.tensor(LUMA, dtype=torch.float64)  # (N, H, W)
-    y = torch.nn.functional.pad(y[:, None], (1, 1, 1, 1), mode="replicate")  # (N, 1, H+2, W+2)
-    k = torch.tensor([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=torch.float64).view(1, 1, 3, 3)
-    lap = torch.nn.functional.conv2d(y, k)[:, 0]  # (N, H, W)
-    return lap.flatten(1).var(dim=1, unbiased=False).numpy()
+    """Variance of the 4-neighbour Laplacian of the luma over interior pixels, (N, H, W, 3) uint8 -> (N,).
+
+        Y = 0.2125 R + 0.7154 G + 0.0721 B;  L = Y[i-1,j] + Y[i+1,j] + Y[i,j-1] + Y[i,j+1] - 4 Y[i,j];  var(L)
+    """
+    y = frames.astype(np.float64) @ np.array(LUMA)  # (N, H, W)
+    lap = y[:, :-2, 1:-1] + y[:, 2:, 1:-1] + y[:, 1:-1, :-2] + y[:, 1:-1, 2:] - 4 * y[:, 1:-1, 1:-1]  # (N, H-2, W-2)
+    return lap.reshape(len(frames), -1).var(axis=1)
 
 
 def frame_quality(ref: np.ndarray, test: np.ndarray) -> dict[str, float | int]:
