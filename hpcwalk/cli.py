@@ -376,29 +376,26 @@ def check_speed(job) -> None:
     job.compile.check(resolve_device(job.render.device), job.sampling.scheduler, job.render.dtype)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
 def bench(
     ctx: typer.Context,
-    which: str = typer.Argument(..., help="throughput (frames/s: hpcwalk vs diffusers, and peers) or latency (per-step UNet, VAE, CLIP)."),
+    which: Optional[str] = typer.Argument(None, help="latency (per-step UNet, VAE, CLIP, kernels), throughput (frames/s: "
+                                          "hpcwalk vs diffusers eager and diffusers' recipe, FP8 and its quality) or "
+                                          "longrun (a long walk through PNG + Parquet, per encode-pool size)."),
 ) -> None:
-    """Run a benchmark from benchmarks/ (needs a source checkout); other options go to the script.
+    """Benchmark this machine; the options after WHICH go to the benchmark (`hpcwalk bench WHICH --help`).
 
-    Examples: `hpcwalk bench throughput --smoke`, `hpcwalk bench latency --model sd14-random --dtype float16`.
-    Each writes JSON to benchmarks/results/ (or --out); see benchmarks/README.md.
+    Examples: `hpcwalk bench latency` (quick on a CPU), `hpcwalk bench throughput --smoke`,
+    `hpcwalk bench throughput --model sd14-random --dtype float16 --compile default --batch 16 --quantize fp8`.
+    Each prints a table in the columns of benchmarks/README.md and writes its JSON to ./bench-results/
+    (or --out). The harness is part of the installed package (hpcwalk.bench): no source checkout needed.
     """
-    import subprocess
+    from hpcwalk.bench import run
 
-    import hpcwalk
-
-    # 1. find the script next to the package
-    scripts = {"throughput": "throughput.py", "latency": "step_latency.py"}
-    if which not in scripts:
-        _fail(f"unknown benchmark {which!r}: choose one of {', '.join(scripts)}")
-    path = Path(hpcwalk.__file__).resolve().parents[1] / "benchmarks" / scripts[which]
-    if not path.is_file():
-        _fail(f"{path} not found: benchmarks live in the source checkout; run from a git clone installed with pip install -e .")
-    # 2. run it with this interpreter, passing the remaining options through
-    raise typer.Exit(subprocess.call([sys.executable, str(path), *ctx.args]))
+    if which is None or which in ("--help", "-h"):  # --help after WHICH is the benchmark's own (argparse)
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0 if which or "--help" in ctx.args or "-h" in ctx.args else 2)
+    raise typer.Exit(run(which, list(ctx.args)))
 
 
 def main() -> None:

@@ -207,6 +207,7 @@ class ClipScorer(OnDevice):
     name: str  # "model/pretrained"
     prefix: str = "clip"  # column prefix: clip_image, clip_score, clip_score_b
     _text: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    image_encoder: Any = field(default=None, repr=False)  # a compiled model.encode_image (hpcwalk/compile.py), or None
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) on any device -> normalized float (N, 3, S, S), as open_clip's eval transform."""
@@ -230,7 +231,8 @@ class ClipScorer(OnDevice):
     def embed_images(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) -> unit-norm image embeddings, float32 (N, D), on the frames' device."""
         x = self.preprocess(frames.to(self.device))
-        return torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1)
+        encode = self.image_encoder or self.model.encode_image
+        return torch.nn.functional.normalize(encode(x).float(), dim=-1)
 
     @torch.no_grad()
     def embed_texts(self, prompts: Sequence[str]) -> torch.Tensor:

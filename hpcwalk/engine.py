@@ -23,6 +23,7 @@ from hpcwalk.clip import ClipScorer, load_scorers, score_frames, to_arrow
 from hpcwalk.compile import CompileConfig, prepare
 from hpcwalk.framestats import FrameStats, load_frame_stats
 from hpcwalk.job import FrameRow, NoiseKey, RenderJob, Sampling
+from hpcwalk.memory import check_batch_memory
 from hpcwalk.models import SDComponents, load_components
 
 SCHEDULER_CLASSES = {
@@ -78,7 +79,9 @@ class Renderer:
         self._noise: dict[NoiseKey, torch.Tensor] = {}
         self._prompt: dict[str, torch.Tensor] = {}
         make_scheduler(sampling.scheduler, components.scheduler_config)  # fail early on a bad config
+        check_batch_memory(components, batch_size, sampling.height, sampling.width, sampling.guidance > 1.0)
         self.speed = prepare(compile or CompileConfig(), components, sampling.scheduler)  # hpcwalk/compile.py
+        self.scorers = self.speed.scorers(self.scorers)  # CLIP image encoders compiled with scope unet+vae+clip
         self._fused = self._fused_schedule() if self.speed.config.step == "fused" else None
         self._vae32: torch.nn.Module | None = None  # float32 VAE copy for the NaN guard, made on first need
 

@@ -168,6 +168,8 @@ class RenderJob:
         d["render"].pop("batch_size")
         d["render"].pop("device")
         d.pop("compile", None)  # speed options change frames only within the tested bound
+        if self.compile.quantize != "none":  # ... except the FP8 path: its frames are not the exact ones
+            d["quantize"] = self.compile.quantize
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

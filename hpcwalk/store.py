@@ -85,6 +85,7 @@ def run_metadata(job: RenderJob, scheduler_config: dict[str, Any] | None = None)
         "guidance": str(s.guidance),
         "negative_prompt": s.negative_prompt,
         "dtype": job.render.dtype,
+        "quantize": job.compile.describe_quantize(),  # "none", or the FP8 path (not exact) and its torchao version
         "clip_model": "",  # "" = no CLIP columns; else the model behind clip_* (and clip2_model: clip2_*)
         **{f"{prefix}_model": f"{m}/{p}" for prefix, m, p in job.clip.models(job.model.id)},
         "encoder_model": job.encoder.resolved(job.model.id),  # "" = no encoder_image column (hpcwalk/encoder.py)

@@ -1,84 +1,76 @@
-"""The benchmark harness runs end to end in its smoke mode (tiny model, CPU) and writes honest JSON.
-Speed is never asserted here: only that the figures exist, are positive and name their device."""
+"""The benchmark harness's parts that need no model: refusals, metrics against their peers, tables.
+The harness end to end runs in tests/test_bench_wheel.py (from an installed wheel) and
+tests/test_gpu_bench_script.py (scripts/gpu_bench.sh --smoke). Speed is never asserted."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from hpcwalk.bench import common, run
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import common  # noqa: E402
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+def test_two_compile_modes_on_one_model_are_refused(capsys):
+    from hpcwalk.bench.throughput import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--smoke", "--compile", "default", "--variant", "max-autotune/fused/fused"])
+    assert e.value.code == 2 and "run one process per compile mode" in capsys.readouterr().err
 
 
-def test_throughput_smoke_via_cli(tmp_path):
-    """`hpcwalk bench throughput --smoke`: hpcwalk and diffusers on the same walk, one process."""
-    _run([sys.executable, "-m", "hpcwalk.cli", "bench", "throughput", "--smoke", "--threads", "1",
-          "--out", str(tmp_path), "--name", "t"])
-    r = json.loads((tmp_path / "t.json").read_text())
-    assert r["benchmark"] == "throughput" and r["device"]["type"] == "cpu" and r["device"]["name"]
-    assert r["versions"]["torch"] and r["versions"]["diffusers"]
-    assert r["settings"]["smoke"] and r["settings"]["frames"] == 4
-    assert set(r["figures"]) == {"hpcwalk", "diffusers", "hpcwalk_parquet"}
-    for f in r["figures"].values():
-        assert f["frames_per_s"] > 0 and f["median_s"] > 0 and f["n"] == 1
-    assert r["ratios"]["hpcwalk_vs_diffusers"] == pytest.approx(
-        r["figures"]["hpcwalk"]["frames_per_s"] / r["figures"]["diffusers"]["frames_per_s"])
-    # the two systems rendered the same frames (the core bound)
-    assert r["checks"]["max_abs_diff_hpcwalk_vs_diffusers"] <= 1
-    assert r["device"]["peak_tflops_fp16"] is None
-
-
-def test_throughput_variants_share_one_model(tmp_path):
-    """--variant adds hpcwalk configurations to the same run; each gets frames/s, counted TFLOP/s
-    and a pixel check against diffusers; two compile modes in one process are refused."""
-    _run([sys.executable, "benchmarks/throughput.py", "--smoke", "--threads", "1", "--no-parquet",
-          "--variant", "none/scheduler/torch", "--variant", "none/fused/fused", "--out", str(tmp_path), "--name", "v"])
-    r = json.loads((tmp_path / "v.json").read_text())
-    assert set(r["figures"]) == {"hpcwalk", "diffusers", "hpcwalk[none/scheduler/torch]", "hpcwalk[none/fused/fused]"}
-    assert r["variants"]["hpcwalk[none/fused/fused]"]["step"] == "fused"
-    assert r["flops_per_frame"] > 0
-    for name, f in r["figures"].items():
-        assert f["tflops"] == pytest.approx(f["frames_per_s"] * r["flops_per_frame"] / 1e12)
-        assert f["utilisation"] is None  # CPU: no peak
-    assert r["checks"]["max_abs_diff_hpcwalk[none/scheduler/torch]_vs_diffusers"] <= 1
-    assert r["checks"]["max_abs_diff_hpcwalk[none/fused/fused]_vs_diffusers"] <= 1
-    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--smoke", "--compile", "default",
-                           "--variant", "max-autotune/fused/fused", "--out", str(tmp_path), "--name", "bad"],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 2 and "run one process per compile mode" in proc.stderr
-    assert not (tmp_path / "bad.json").exists()
-
-
-def test_step_latency_smoke(tmp_path):
-    _run([sys.executable, "benchmarks/step_latency.py", "--smoke", "--threads", "1", "--out", str(tmp_path), "--name", "s"])
-    r = json.loads((tmp_path / "s.json").read_text())
-    assert r["benchmark"] == "step_latency" and r["settings"]["smoke"]
-    modules = {row["module"] for row in r["rows"]}
-    assert modules == {"unet", "vae", "clip"}
-    for row in r["rows"]:
-        assert row["median_s"] > 0 and row["p10_s"] <= row["median_s"] <= row["p90_s"]
-        assert row["flops"] > 0 and row["tflops"] > 0
-        assert row["utilisation"] is None  # CPU: no peak is known, none is guessed
-    assert {(k["op"], k["impl"]) for k in r["kernels"]} == {("guided_dpm", "torch"), ("decode_postprocess", "torch")}
-    assert "| unet | float32 | sdpa | none | 1 |" in common.markdown_table(r)
-
-
-def test_step_latency_refuses_cuda_only_modes_on_cpu(tmp_path):
-    proc = subprocess.run([sys.executable, "benchmarks/step_latency.py", "--smoke", "--compile", "reduce-overhead",
-                           "--device", "cpu", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode != 0 and "needs a CUDA device" in proc.stderr
+def test_latency_refuses_cuda_only_modes_on_cpu_in_one_line(tmp_path, capsys):
+    """A choice this machine cannot run stops the benchmark before anything is timed or written."""
+    for argv, match in ((["--compile", "reduce-overhead"], "'reduce-overhead' replays CUDA graphs and needs a CUDA device"),
+                        (["--levers", "cudnn_benchmark"], "cudnn_benchmark = true tunes cuDNN convolutions"),
+                        (["--quantize", "fp8", "--dtypes", "bfloat16"], "quantize = 'fp8' runs FP8 matmuls on a CUDA GPU")):
+        assert run("latency", ["--smoke", "--device", "cpu", "--out", str(tmp_path), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and match in err and len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.iterdir())
+
+
+def test_unknown_benchmark_is_one_line(capsys):
+    assert run("speed", []) == 2
+    assert capsys.readouterr().err.strip() == "error: unknown benchmark 'speed': choose one of latency, throughput, longrun"
+
+
+def test_quality_metrics():
+    """PSNR on stacks with a known mean squared error, the Laplacian behind sharpness against
+    scipy.ndimage on the interior pixels, and the deltas on known changes."""
+    import numpy as np
+    from scipy import ndimage
+
+    from hpcwalk.bench.quality import LUMA, frame_quality, psnr, sharpness
+
+    rng = np.random.default_rng(0)
+    ref = rng.integers(4, 252, (3, 37, 41, 3), dtype=np.uint8)
+    test = ref.copy()
+    test[..., 0] += 3  # every red value off by 3: MSE = 9 / 3
+    assert psnr(ref, test) == pytest.approx(10 * np.log10(255**2 / 3.0), rel=1e-12)
+    luma = ref.astype(np.float64) @ np.array(LUMA)
+    peer = np.array([ndimage.laplace(y)[1:-1, 1:-1].var() for y in luma])  # interior pixels: no edge rule
+    np.testing.assert_allclose(sharpness(ref), peer, rtol=1e-5)  # float32 on the device
+    q = frame_quality(ref, test)
+    assert q["max_abs_diff"] == 3 and q["mean_abs_diff"] == pytest.approx(1.0) and not q["identical"]
+    blurred = ndimage.uniform_filter(ref, size=(1, 3, 3, 1))
+    assert frame_quality(ref, blurred)["sharpness_delta"] < -0.5  # a blur loses most of the Laplacian's variance
+    same = frame_quality(ref, ref.copy())
+    assert same["identical"] and same["psnr_db"] is None and same["max_abs_diff"] == 0
+    with pytest.raises(ValueError, match="frame stacks differ"):
+        frame_quality(ref, test[:2])
+
+
+def test_throughput_table_reports_what_was_not_measured():
+    r = {"device": {"name": "cpu"}, "benchmark": "throughput", "settings": {"recipe_mode": "none"},
+         "figures": {"hpcwalk": {"frames_per_s": 3.0, "median_s": 1.0}, "diffusers": {"frames_per_s": 2.0, "median_s": 1.5},
+                     "diffusers_recipe": {"frames_per_s": 2.5, "median_s": 1.2}},
+         "not_measured": {"hpcwalk[fp8]": "[compile] quantize = 'fp8' runs FP8 matmuls on a CUDA GPU ..."}}
+    table = common.markdown_table(r)
+    assert "| hpcwalk | 3.00 | 1.00 | 1.50x | 1.20x | - | null |" in table
+    assert "| hpcwalk[fp8] | not measured: [compile] quantize = 'fp8'" in table
 
 
 @pytest.mark.parametrize("name,peak", [

@@ -1,7 +1,8 @@
 """The stable-diffusion-videos peer: `StableDiffusionWalkPipeline.walk` over two seeds under one prompt.
 
 Runs in the venv made by benchmarks/peers/setup_sdv.sh (stable-diffusion-videos 0.9.2 does not import
-on hpcwalk's own stack), as a subprocess of benchmarks/throughput.py, on a model saved there with
+on hpcwalk's own stack), as a subprocess of hpcwalk/bench/throughput.py (run by its path, never imported
+by hpcwalk), on a model saved there with
 save_pretrained. It times the whole walk as a user calls it (text encoding, noise, slerp, denoising,
 VAE, PNG frames written to --frames-dir; make_video=False), after one warm-up walk of one batch, and
 writes the timings as JSON.
