@@ -15,7 +15,7 @@ Options and their numerical risk (frames are checked against the eager float32 p
 | `attention` | `sdpa` (torch's fused attention, default), `xformers` (needs xformers and CUDA), `cudnn` (cuDNN attention via SDPA for the UNet, Hopper) | different reduction orders: last-bit differences; `cudnn` applies to the UNet only: the VAE's attention (one head of 512 channels) is beyond cuDNN's head sizes ("No available kernel" on an H200, 2026-11-26) and keeps torch's default SDPA choice; the UNet's head size is checked at prepare time |
 | `channels_last` | NHWC memory format for UNet and VAE convolutions | none numerically beyond different conv algorithms (last bits); slower on the CPU for small models |
 | `fuse_qkv` | one matmul for Q, K, V (self-attention) and K, V (cross-attention) | last-bit differences; not combinable with `xformers` |
-| `step` | `scheduler` (diffusers' `scheduler.step`) or `fused` (guidance + DPM-Solver++(2M) in one kernel, `hpcwalk.kernels.guided_dpm`) | fused keeps the sample in float32 and folds coefficients: frames within 1 uint8 level of the scheduler path; `dpmsolver++` only |
+| `step` | `scheduler` (diffusers' `scheduler.step`) or `fused` (guidance + DPM-Solver++(2M) in one kernel, `hpcwalk.kernels.guided_dpm`; epsilon and v-prediction models) | fused keeps the sample in float32 and folds coefficients: frames within 1 uint8 level of the scheduler path; `dpmsolver++` only |
 | `postprocess` | `torch` or `fused` (`hpcwalk.kernels.decode_postprocess`: clamp, scale, round, NHWC uint8 in one pass) | none: bit-equal to the torch post-processing |
 """
 
