@@ -440,7 +440,8 @@ def models(
     widths = [max(len(str(r[i])) for r in rows + [("MODEL", "KIND", "FORMAT", "SIZE", "LOADS OFFLINE")])
               for i in range(4)]
     for r in [("MODEL", "KIND", "FORMAT", "SIZE", "LOADS OFFLINE"), *rows]:
-        typer.echo("  ".join(str(v).ljust(w) for v, w in zip(r[:4], widths)) + "  " + r[4])
+        why = r[4] if len(r[4]) <= 120 else r[4][:117] + "..."  # --json has the whole line
+        typer.echo("  ".join(str(v).ljust(w) for v, w in zip(r[:4], widths)) + "  " + why)
 
 
 def check_speed(job) -> None:

@@ -139,23 +139,27 @@ def _config_json(folder: str, part: str) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in drop}
 
 
+# the tiny presets' UNet and VAE: SD's shapes (4 latent channels, a VAE downsampling by 8), small widths
+TINY_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 64), norm_num_groups=16, cross_attention_dim=32, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+)
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
+    block_out_channels=(16, 16, 32, 32), norm_num_groups=8, scaling_factor=0.18215,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+)
+
 # Named presets (gpt-fast's ModelArgs.from_name): configs for UNet, VAE and CLIP text encoder, the
 # scheduler config, the tokenizer's pad token, and how the random weights are drawn: `torch` (the
 # modules' own initialisation, in float32, then cast) or `uniform` (filled tensor by tensor in the
 # render dtype, so a float16 model never exists in float32: see `build_random`).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
-        "unet": dict(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(32, 64), norm_num_groups=16, cross_attention_dim=32, attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        ),
-        "vae": dict(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
-            block_out_channels=(16, 16, 32, 32), norm_num_groups=8, scaling_factor=0.18215,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        ),
+        "unet": TINY_UNET,
+        "vae": TINY_VAE,
         "text": dict(
             vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
@@ -166,18 +170,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # SD 2.x in small: linear projections in the transformer blocks, per-block head counts, upcast
     # attention, a 48-wide context, GELU text encoder, "!" padding, SD 2.1's v-prediction scheduler.
     "tiny-v": {
-        "unet": dict(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(32, 64), norm_num_groups=16, cross_attention_dim=48, attention_head_dim=(2, 4),
-            use_linear_projection=True, upcast_attention=True,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        ),
-        "vae": dict(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
-            block_out_channels=(16, 16, 32, 32), norm_num_groups=8, scaling_factor=0.18215,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        ),
+        "unet": {**TINY_UNET, "cross_attention_dim": 48, "attention_head_dim": (2, 4), "use_linear_projection": True,
+                 "upcast_attention": True},
+        "vae": TINY_VAE,
         "text": dict(
             vocab_size=49408, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1,

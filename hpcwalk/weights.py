@@ -126,6 +126,11 @@ def resolve(model: str, revision: str | None = None, config: str = "auto", varia
     if kind == "folder":
         return resolve_folder(Path(model).expanduser(), variant, spec=model)
     snapshot = hub_snapshot(model, revision)
+    if not (snapshot / "model_index.json").is_file():
+        singles = sorted(str(p) for p in snapshot.glob("*.safetensors"))
+        alt = f", or pass its single file as --model: {singles[0]}" if singles else ""
+        raise ModelLoadError(f"the cached snapshot of {model!r} ({snapshot}) has no model_index.json (a partial "
+                             f"download): run `hf download {model}` where there is network{alt}")
     src = resolve_folder(snapshot, variant, spec=model, hub_id=model)
     return ModelSource(model, "hub-cache", src.path, variants=src.variants, skipped=src.skipped, revision=revision)
 
@@ -455,6 +460,8 @@ def _scan_hub_repo(repo_dir: Path, clip_lookup: Callable[[str], list[str]] | Non
 
 
 def _local_entry(name: str, target: Path) -> LocalModel:
+    if target.name.lower().endswith(PICKLE_SUFFIXES):
+        return LocalModel(name, "sd", "pickle", target.stat().st_size, "no: a pickle, refused (convert it to .safetensors)")
     if target.is_file():
         return LocalModel(name, "sd", *_try(lambda: f"ldm-single-file, config {resolve(str(target)).config}",
                                             target.stat().st_size))

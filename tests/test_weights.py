@@ -481,3 +481,15 @@ def test_model_config_and_variant_keys():
         resolve("tiny", config="sd-v1")
     with pytest.raises(ModelLoadError, match="applies to diffusers folders and hub ids only"):
         resolve("tiny", variant="fp16")
+
+
+def test_partial_hub_download_names_its_single_file(art, tmp_path, monkeypatch):
+    """`hf download ID v1-5-pruned-emaonly.safetensors` caches one file: the id is refused, the file named."""
+    only = tmp_path / "only-file"
+    only.mkdir()
+    (only / "v1-5-pruned-emaonly.safetensors").write_bytes(Path(art["sd1_file"]).read_bytes())
+    put_in_hub_cache(tmp_path / "cache", "runwayml/stable-diffusion-v1-5", only)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModelLoadError, match=r"no model_index.json \(a partial download\).*pass its single file as "
+                                             r"--model: .*snapshots/.*/v1-5-pruned-emaonly.safetensors"):
+        resolve("runwayml/stable-diffusion-v1-5")
