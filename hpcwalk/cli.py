@@ -17,7 +17,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,  # help texts name TOML tables like [render]: printed as written, not as markup
-    help="Render latent-space walks of Stable Diffusion 1.x to Parquet, score them with CLIP, and study them.",
+    help="Render latent-space walks of Stable Diffusion 1.x and 2.x to Parquet, score them with CLIP, and study them.",
 )
 
 
@@ -62,8 +62,9 @@ def configure_logging(verbose: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
                                  help="Print hpcwalk's version and its libraries' versions, then exit."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details before the command: how the model "
-                                 "was resolved, and the full cause (traceback) of a model load failure."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging (give it before the command: "
+                                 "hpcwalk --verbose render ...): how the model was resolved, and the full cause "
+                                 "(traceback) of a model load failure."),
 ) -> None:
     """hpcwalk: latent-space walks of Stable Diffusion 1.x and 2.x at cluster scale."""
     configure_logging(verbose)
@@ -105,6 +106,8 @@ CompileModeOption = Annotated[Optional[str], typer.Option(
     "--compile", help="Override [compile] mode: none, default, max-autotune, reduce-overhead (CUDA graphs).")]
 AttentionOption = Annotated[Optional[str], typer.Option(
     "--attention", help="Override [compile] attention: sdpa, xformers (CUDA, needs xformers), cudnn (CUDA, float16/bfloat16).")]
+
+
 def _library_progress(enabled: bool) -> bool:
     """--no-progress also quiets the bars diffusers, transformers and huggingface_hub draw while loading."""
     if not enabled:
