@@ -211,6 +211,7 @@ def library_bars(monkeypatch):
     hub.enable_progress_bars()
 
 
+@pytest.mark.slow
 def test_no_progress_silences_the_libraries_bars(art, tmp_path, library_bars):
     """transformers draws a 'Loading weights' bar per model it loads (on by default); with --no-progress
     a render's stderr holds no bar at all, and the three libraries' switches are off."""
