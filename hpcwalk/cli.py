@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -16,13 +17,57 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,  # help texts name TOML tables like [render]: printed as written, not as markup
-    help="Render latent-space walks of Stable Diffusion 1.x to Parquet, score them with CLIP, and study them.",
+    help="Render latent-space walks of Stable Diffusion 1.x and 2.x to Parquet, score them with CLIP, and study them.",
 )
 
 
+def _print_version(value: bool) -> None:
+    """`hpcwalk --version`: this package's version and the libraries that decide the frames (no imports)."""
+    if not value:
+        return
+    from importlib import metadata
+
+    import hpcwalk
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    libs = ", ".join(f"{n} {version(n)}" for n in ("torch", "diffusers", "transformers", "huggingface_hub",
+                                                  "open_clip_torch", "safetensors"))
+    typer.echo(f"hpcwalk {hpcwalk.__version__} (Python {sys.version.split()[0]}; {libs})")
+    raise typer.Exit()
+
+
+class _StderrHandler(logging.Handler):
+    """Writes `hpcwalk.*` log records to the current sys.stderr (which test runners swap)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(self.format(record) + "\n")
+
+
+def configure_logging(verbose: bool) -> None:
+    """hpcwalk's loggers to stderr: INFO (what was loaded, and how), DEBUG with --verbose (full causes)."""
+    root = logging.getLogger("hpcwalk")
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("hpcwalk: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
 @app.callback()
-def _root() -> None:
-    """hpcwalk: latent-space walks of Stable Diffusion 1.x at cluster scale."""
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="Print hpcwalk's version and its libraries' versions, then exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging (give it before the command: "
+                                 "hpcwalk --verbose render ...): how the model was resolved, and the full cause "
+                                 "(traceback) of a model load failure."),
+) -> None:
+    """hpcwalk: latent-space walks of Stable Diffusion 1.x and 2.x at cluster scale."""
+    configure_logging(verbose)
 
 
 def _fail(msg: str) -> None:
@@ -51,7 +96,8 @@ ShardTimeoutOption = Annotated[Optional[float], typer.Option(
 
 # Job overrides, shared by `render` and `study` (None keeps the job file's value).
 ModelOption = Annotated[Optional[str], typer.Option(
-    "--model", help="Override [model] id: tiny, sd14-random, a hub id, a diffusers folder or a .safetensors file.")]
+    "--model", help="Override [model] id: tiny, tiny-v, sd14-random, sd21-random, a hub id (read from the local "
+                    "Hugging Face cache, never downloaded), a diffusers folder or a .safetensors file (see `hpcwalk models`).")]
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="Override [render] device: auto, cpu, cuda or cuda:N.")]
 DtypeOption = Annotated[Optional[str], typer.Option("--dtype", help=f"Override [render] dtype: {', '.join(DTYPES)}.")]
 BatchSizeOption = Annotated[Optional[int], typer.Option(
@@ -60,7 +106,19 @@ CompileModeOption = Annotated[Optional[str], typer.Option(
     "--compile", help="Override [compile] mode: none, default, max-autotune, reduce-overhead (CUDA graphs).")]
 AttentionOption = Annotated[Optional[str], typer.Option(
     "--attention", help="Override [compile] attention: sdpa, xformers (CUDA, needs xformers), cudnn (CUDA, float16/bfloat16).")]
-ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+
+
+def _library_progress(enabled: bool) -> bool:
+    """--no-progress also quiets the bars diffusers, transformers and huggingface_hub draw while loading."""
+    if not enabled:
+        from hpcwalk.loaders import quiet_progress_bars
+
+        quiet_progress_bars()
+    return enabled
+
+
+ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", callback=_library_progress,
+                                              help="Show progress bars (--no-progress: none, the libraries' included).")]
 
 
 def executor_options(ray: Optional[str], workers: Optional[int], gpus_per_worker: Optional[float],
@@ -85,11 +143,12 @@ def check_render_device(job, executor) -> None:
     before anything is written."""
     from hpcwalk.clip import check_job_clip
     from hpcwalk.framestats import check_job_encoder
-    from hpcwalk.models import check_model_spec, model_source
+    from hpcwalk.models import check_model_files, check_model_spec, model_source
 
     here = executor is None or executor.ray is None
     if here:
         check_model_spec(job.model.id, job.render.dtype, job.render.device)
+        check_model_files(job.model)  # the file / folder / cached snapshot: complete, known architecture, variants
         check_speed(job)  # [compile] choices that cannot run on this device (CompileError)
     else:
         model_source(job.model.id)
@@ -367,6 +426,38 @@ def score(
     finally:
         bar.close()
     typer.echo(summary.describe())
+
+
+@app.command()
+def models(
+    folders: Optional[list[str]] = typer.Argument(None, help="Also look here: diffusers folders and .safetensors "
+                                                 "files, at the top and one level down."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line instead of the table."),
+    clip_tags: bool = typer.Option(True, "--clip-tags/--no-clip-tags", help="Name the open_clip model/pretrained "
+                                   "pairs of cached CLIP repos (imports open_clip: a few seconds)."),
+) -> None:
+    """List the SD and CLIP models on this machine: Hugging Face cache snapshots (HF_HUB_CACHE or HF_HOME)
+    and the given folders, each with its format and whether it loads offline; then the built-in random models.
+    Nothing is downloaded: what is listed as loading is what `hpcwalk render --model NAME` can use here."""
+    import json
+
+    from hpcwalk.weights import BUILTIN_MODELS, hub_cache_dir, open_clip_tags, scan
+
+    # 1. find: the hub cache, then the folders given
+    found = scan(tuple(folders or ()), open_clip_tags if clip_tags else None)
+    rows = [(m.name, m.kind, m.format, f"{m.size / 2**30:.2f} GiB", m.offline) for m in found]
+    rows += [(b, "sd", "builtin (random weights)", "-", "yes") for b in BUILTIN_MODELS]
+    # 2. print
+    if as_json:
+        for r in rows:
+            typer.echo(json.dumps(dict(zip(("name", "kind", "format", "size", "offline"), r))))
+        return
+    typer.echo(f"hub cache: {hub_cache_dir()}" + ("" if found else " (no models found there)"))
+    widths = [max(len(str(r[i])) for r in rows + [("MODEL", "KIND", "FORMAT", "SIZE", "LOADS OFFLINE")])
+              for i in range(4)]
+    for r in [("MODEL", "KIND", "FORMAT", "SIZE", "LOADS OFFLINE"), *rows]:
+        why = r[4] if len(r[4]) <= 120 else r[4][:117] + "..."  # --json has the whole line
+        typer.echo("  ".join(str(v).ljust(w) for v, w in zip(r[:4], widths)) + "  " + why)
 
 
 def check_speed(job) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from hpcwalk import interp
 from hpcwalk.clip import ClipScorer, load_scorers, score_frames, to_arrow
-from hpcwalk.compile import CompileConfig, prepare
+from hpcwalk.compile import CompileConfig, CompileError, prepare
 from hpcwalk.framestats import FrameStats, load_frame_stats
 from hpcwalk.job import FrameRow, NoiseKey, RenderJob, Sampling
 from hpcwalk.memory import check_batch_memory
@@ -88,7 +88,8 @@ class Renderer:
     @classmethod
     def from_job(cls, job: RenderJob) -> "Renderer":
         """Load the job's model on its device in its dtype and wrap it."""
-        c = load_components(job.model.id, job.render.dtype, job.render.device, job.model.revision)
+        m = job.model
+        c = load_components(m.id, job.render.dtype, job.render.device, m.revision, m.config, m.variant)
         return cls(c, job.sampling, job.render.batch_size, load_scorers(job, c.device, c.dtype), compile=job.compile,
                    stats=load_frame_stats(job, c.device, c.dtype))
 
@@ -177,7 +178,11 @@ class Renderer:
 
         sched = make_scheduler(self.sampling.scheduler, self.c.scheduler_config)
         sched.set_timesteps(self.sampling.steps, device=self.device)
-        return sched.timesteps, dpm_coefficients(sched, self.device), float(sched.init_noise_sigma)
+        try:
+            coef = dpm_coefficients(sched, self.device)
+        except ValueError as e:  # a scheduler config the fused step does not implement: refused, named
+            raise CompileError(f"[compile] step = 'fused': {e}") from None
+        return sched.timesteps, coef, float(sched.init_noise_sigma)
 
     @torch.no_grad()
     def _denoise_fused(self, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

@@ -54,8 +54,11 @@ class NoiseKey:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    id: str = "tiny"  # tiny | sd14-random | hub id | local diffusers folder | file.safetensors
+    id: str = "tiny"  # tiny | tiny-v | sd14-random | sd21-random | hub id (local cache) | diffusers folder | file.safetensors
     revision: str | None = None
+    # single .safetensors: auto (from the checkpoint's keys) | sd-v1 | sd-v2-base | sd-v2-v | a folder of diffusers configs
+    config: str = "auto"
+    variant: str = "auto"  # diffusers folder / hub id: auto (plain files, else fp16) | fp16 | none | another variant name
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ class RenderSettings:
 class ClipSpec:
     """CLIP models that embed and score every frame in the render (see hpcwalk/clip.py)."""
 
-    model: str = "auto"  # auto: tiny-clip for `tiny`, random ViT-L-14 for `sd14-random`, else ViT-L-14
+    model: str = "auto"  # auto: tiny-clip for tiny/tiny-v, random ViT-L-14 for sd14-random, random ViT-H-14 for sd21-random, else ViT-L-14
     pretrained: str = "auto"  # auto: none (random) for the built-in SD models, else openai
     enabled: bool = True  # false: no CLIP columns
     second_model: str = ""  # an independent second yardstick (e.g. ViT-H-14), stored as clip2_*
@@ -89,7 +92,8 @@ class ClipSpec:
         """(column prefix, open_clip model, pretrained tag) per CLIP model to score with."""
         if not self.enabled:
             return ()
-        auto = {"tiny": ("tiny-clip", "none"), "sd14-random": ("ViT-L-14", "none")}.get(sd_model, ("ViT-L-14", "openai"))
+        auto = {"tiny": ("tiny-clip", "none"), "tiny-v": ("tiny-clip", "none"), "sd14-random": ("ViT-L-14", "none"),
+                "sd21-random": ("ViT-H-14", "none")}.get(sd_model, ("ViT-L-14", "openai"))
         model = auto[0] if self.model == "auto" else self.model
         if self.pretrained != "auto":
             pretrained = self.pretrained
@@ -170,6 +174,9 @@ class RenderJob:
         d.pop("compile", None)  # speed options change frames only within the tested bound
         if self.compile.quantize != "none":  # ... except the FP8 path: its frames are not the exact ones
             d["quantize"] = self.compile.quantize
+        for key in ("config", "variant"):  # left at auto they do not enter it (fingerprints of earlier runs hold)
+            if d["model"][key] == "auto":
+                d["model"].pop(key)
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -178,7 +185,7 @@ class RenderJob:
         o = {k: v for k, v in overrides.items() if v is not None}
         speed = self.compile.replace(mode=o.pop("compile_mode", None), attention=o.pop("attention", None))
         raw = {
-            "model": {"id": o.pop("model", self.model.id), "revision": self.model.revision},
+            "model": {**dataclasses.asdict(self.model), "id": o.pop("model", self.model.id)},
             "render": {
                 "batch_size": o.pop("batch_size", self.render.batch_size),
                 "dtype": o.pop("dtype", self.render.dtype),

@@ -79,6 +79,7 @@ def run_metadata(job: RenderJob, scheduler_config: dict[str, Any] | None = None)
         "hpcwalk_version": hpcwalk.__version__,
         "model_id": job.model.id,
         "model_revision": job.model.revision or "",
+        **_model_metadata(job, scheduler_config),  # model_format/_path/_config/_config_rule/_variant, prediction_type
         "scheduler": s.scheduler,
         "scheduler_config": json.dumps(scheduler_config or {}, sort_keys=True, default=str),
         "steps": str(s.steps),
@@ -92,6 +93,15 @@ def run_metadata(job: RenderJob, scheduler_config: dict[str, Any] | None = None)
         "image_format": job.output.image_format,
         "job_fingerprint": job.fingerprint(),
     }
+
+
+def _model_metadata(job: RenderJob, scheduler_config: dict[str, Any] | None) -> dict[str, str]:
+    """How the model loads (hpcwalk.weights.describe; needs no torch), and its prediction type."""
+    from hpcwalk.weights import describe
+
+    m = job.model
+    return {**describe(m.id, m.revision, m.config, m.variant),
+            "prediction_type": str((scheduler_config or {}).get("prediction_type", "epsilon"))}
 
 
 def encode_image(frame: np.ndarray, fmt: str = "png") -> bytes:

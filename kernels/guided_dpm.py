@@ -5,12 +5,16 @@ guidance g, the current sample x, the previous data prediction x0_prev and the s
 coefficient table `coef[i] = (a, b, c1, c2, c3)`:
 
     e      = eps_u + g * (eps_c - eps_u)          # guidance (e = eps when there is no CFG)
-    x0     = a * x - b * e                        # data prediction: (x - sigma_t e) / alpha_t
+    x0     = a * x - b * e                        # data prediction (see below)
     x_next = c1 * x + c2 * x0 + c3 * x0_prev      # DPM-Solver++ first or second order (midpoint)
+
+The model output is the noise (epsilon prediction: x0 = (x - sigma_t e) / alpha_t, so a = 1 / alpha_t,
+b = sigma_t / alpha_t) or the velocity (v_prediction, SD 2.x-v: x0 = alpha_t x - sigma_t v, so
+a = alpha_t, b = sigma_t); guidance is linear in either, as in diffusers' pipeline.
 
 `dpm_coefficients(scheduler)` builds the table once per scheduler setup, in float64 from the
 scheduler's own sigmas, following diffusers' `DPMSolverMultistepScheduler.step` (solver_order 2,
-dpmsolver++, midpoint, epsilon prediction, lower_order_final, final sigma zero), and puts it on the
+dpmsolver++, midpoint, epsilon or v prediction, lower_order_final, final sigma zero), and puts it on the
 device, so the loop indexes it with a Python int and never syncs. All arithmetic is float32.
 """
 
@@ -25,6 +29,7 @@ from hpcwalk.kernels._dispatch import HAVE_TRITON, KernelOp, TritonKernel
 
 BLOCK = 1024
 N_COEF = 5
+PREDICTIONS = ("epsilon", "v_prediction")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,10 +42,11 @@ def check_scheduler(scheduler: Any) -> None:
     cfg = scheduler.config
     want = {
         "solver_order": 2, "algorithm_type": "dpmsolver++", "solver_type": "midpoint",
-        "prediction_type": "epsilon", "thresholding": False, "use_flow_sigmas": False,
-        "variance_type": None, "euler_at_final": False,
+        "thresholding": False, "use_flow_sigmas": False, "variance_type": None, "euler_at_final": False,
     }
     bad = [f"{k}={cfg.get(k)!r} (need {v!r})" for k, v in want.items() if cfg.get(k, v) != v]
+    if cfg.get("prediction_type", "epsilon") not in PREDICTIONS:
+        bad.append(f"prediction_type={cfg.get('prediction_type')!r} (need one of {', '.join(PREDICTIONS)})")
     if type(scheduler).__name__ != "DPMSolverMultistepScheduler":
         bad.insert(0, f"scheduler {type(scheduler).__name__} (need DPMSolverMultistepScheduler)")
     if bad:
@@ -53,6 +59,7 @@ def dpm_coefficients(scheduler: Any, device: torch.device | str = "cpu") -> torc
     check_scheduler(scheduler)
     sig = [float(s) for s in scheduler.sigmas.double()]  # sigmas[i] at step i, sigmas[-1] the final one
     steps = len(scheduler.timesteps)
+    v_pred = scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
     lower_final = bool(scheduler.config.lower_order_final) and steps < 15 or scheduler.config.final_sigmas_type == "zero"
 
     def alpha_sigma(s: float) -> tuple[float, float]:
@@ -65,9 +72,10 @@ def dpm_coefficients(scheduler: Any, device: torch.device | str = "cpu") -> torc
 
     rows = []
     for i in range(steps):
-        a, b = math.sqrt(sig[i] ** 2 + 1.0), sig[i]  # x0 = (x - sigma_t e) / alpha_t = a x - b e
+        alpha_s0, sigma_s0 = alpha_sigma(sig[i])
+        # x0 = a x - b e: (x - sigma_s0 e) / alpha_s0 for epsilon, alpha_s0 x - sigma_s0 v for v
+        a, b = (alpha_s0, sigma_s0) if v_pred else (math.sqrt(sig[i] ** 2 + 1.0), sig[i])
         alpha_t, sigma_t = alpha_sigma(sig[i + 1])
-        _, sigma_s0 = alpha_sigma(sig[i])
         if sig[i + 1] == 0.0:  # final step to sigma 0: h = inf, x_next = x0
             rows.append((a, b, 0.0, 1.0, 0.0))
             continue

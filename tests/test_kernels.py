@@ -160,6 +160,8 @@ def test_guided_step_rejects_mismatched_shapes(interpret):
 
 @pytest.mark.parametrize("steps,config", [
     (30, {}), (12, {}), (1, {}), (2, {}), (20, {"use_karras_sigmas": True}), (9, {"final_sigmas_type": "sigma_min"}),
+    (30, {"prediction_type": "v_prediction"}), (12, {"prediction_type": "v_prediction"}),
+    (20, {"prediction_type": "v_prediction", "use_karras_sigmas": True}),
 ])
 def test_coefficients_reproduce_diffusers_scheduler(steps, config):
     """A whole trajectory: our table + reference op vs scheduler.step with CFG done as the pipeline does."""
@@ -186,11 +188,27 @@ def test_coefficients_reproduce_diffusers_scheduler(steps, config):
 @pytest.mark.parametrize("config,match", [
     ({"solver_order": 3}, "solver_order=3"),
     ({"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
-    ({"prediction_type": "v_prediction"}, "prediction_type"),
+    ({"prediction_type": "sample"}, "prediction_type='sample'"),
 ])
 def test_unsupported_scheduler_configs_are_refused(config, match):
     with pytest.raises(ValueError, match=match):
         gd.dpm_coefficients(_dpm_scheduler(10, **config))
+
+
+def test_v_prediction_kernel_in_the_interpreter_follows_the_scheduler(interpret):
+    """SD 2.x-v: the Triton kernel itself (interpreter) over a whole trajectory vs scheduler.step."""
+    sched = _dpm_scheduler(10, prediction_type="v_prediction")
+    coef = gd.dpm_coefficients(sched)
+    g = torch.Generator().manual_seed(4)
+    x_ref = torch.randn(1, 4, 5, 3, generator=g)
+    x, x0 = x_ref.clone(), torch.zeros_like(x_ref)
+    for i, t in enumerate(sched.timesteps):
+        v = torch.cat([torch.tanh(x_ref), 0.5 * torch.tanh(x_ref) + 0.1])
+        x_ref = sched.step(v[:1] + 6.0 * (v[1:] - v[:1]), t, x_ref, return_dict=False)[0]
+        v = torch.cat([torch.tanh(x), 0.5 * torch.tanh(x) + 0.1])
+        x, x0 = gd.guided_dpm_step(v, x, x0, coef, i, 6.0, True)
+        assert gd.guided_dpm_step.last_path == "interpreter"
+    torch.testing.assert_close(x, x_ref, rtol=1e-4, atol=1e-4)
 
 
 def test_other_scheduler_is_refused():

@@ -71,23 +71,25 @@ def test_cuda_requested_without_cuda():
         check_model_spec("tiny", device="cuda")
 
 
-def test_broken_weights_name_what_was_tried(tmp_path):
-    folder = tmp_path / "broken"
-    folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
-    (folder / "unet").mkdir()
+def test_broken_weights_name_what_was_tried(tiny, tmp_path):
+    """A diffusers folder whose UNet config is damaged, and a file that is not safetensors, are named."""
+    from ldm_checkpoint import write_diffusers_folder
+
+    folder = write_diffusers_folder(tmp_path / "broken", tiny)
     (folder / "unet" / "config.json").write_text("{not json")
-    with pytest.raises(ModelLoadError, match=r"could not load model .*tried it as a folder"):
+    with pytest.raises(ModelLoadError, match=r"could not load model .* \(diffusers-folder .*broken\)"):
         load_components(str(folder), device="cpu")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    with pytest.raises(ModelLoadError, match=r"tried it as a file"):
+    with pytest.raises(ModelLoadError, match=r"bad.safetensors is damaged or not a safetensors file"):
         load_components(str(bad), device="cpu")
 
 
-def test_hub_id_without_network_fails_clearly(monkeypatch):
+def test_hub_id_without_network_fails_clearly(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match=r"could not load model 'nobody/no-such-model' \(tried it as a hub\)"):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelLoadError, match=r"model 'nobody/no-such-model' is not in the Hugging Face cache .*"
+                                             r"`hf download nobody/no-such-model`"):
         load_components("nobody/no-such-model", device="cpu")
 
 
