@@ -161,16 +161,6 @@ def bootstrap_weights(units: int, n_boot: int = N_BOOT, seed: int = 0) -> np.nda
     return rng.multinomial(units, np.full(units, 1.0 / units), size=n_boot)
 
 
-def bootstrap_p_value(boots: np.ndarray) -> float:
-    """Two-sided percentile-bootstrap p-value of 'the difference is 0': 2 min(P*(d <= 0), P*(d >= 0)), at most 1
-    (the smallest alpha whose percentile interval excludes 0). NaN resamples are left out."""
-    d = np.asarray(boots, np.float64)
-    d = d[np.isfinite(d)]
-    if d.size == 0:
-        return float("nan")
-    return float(min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean())))
-
-
 def sign_flip_p_value(d: np.ndarray, n_perm: int = N_BOOT, seed: int = 0) -> float:
     """Two-sided paired randomization test of 'mean d = 0' (Fisher): the share of sign flips s in {-1, 1}^n with
     |mean(s d)| >= |mean(d)|; all 2^n flips for n <= 16 (exact: with 4 pairs it is never below 2/16), else
@@ -282,6 +272,19 @@ def kid_from_blocks(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray, weights: 
     den = w.sum(1) ** 2 - (w ** 2).sum(1)  # (B,)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def kid_swap_terms(kaa: np.ndarray, kbb: np.ndarray, kab: np.ndarray, kay: np.ndarray, kby: np.ndarray
+                   ) -> np.ndarray:
+    """Per-pair terms v (P,) of a paired KID difference, for the exact test of 'methods a and b are exchangeable
+    within each pair': swapping a and b in the pairs where u_p = -1 turns KID_a - KID_b into
+
+        D(u) = sum_p u_p v_p / (P (P - 1)),   v_p = sum_{q != p} (Kaa - Kbb + Kab - Kab^T - 2 (Kay - Kby))[p, q]
+
+    (pair-block kernel means, `pair_kernel_means`; the endpoint term Kyy cancels), so the swap test is the
+    sign-flip test on v, and D(1) = sum(v) / (P (P - 1)) is the observed difference."""
+    k = kaa - kbb + kab - kab.T - 2 * (kay - kby)  # (P, P)
+    return k.sum(1) - np.diag(k)  # (P,)
 
 
 def kid_per_pair(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray) -> np.ndarray:

@@ -237,3 +237,34 @@ def test_synthetic_study_kid_sees_a_known_shift_and_the_report_says_so():
     assert any("Random weights: CLIP tiny-clip/none" in w for w in few["warnings"])
     assert any("are degenerate (zero width or undefined): yardsticks/sharpness/paired/linear - normalized" in w
                for w in few["warnings"])  # every pair differs by exactly 1: a zero-width interval
+
+
+def test_kid_differences_of_three_pairs_are_never_resolved():
+    """3 pairs: all 8 sign flips of the per-pair KID shares are possible, so no p-value is below 2/8; the
+    percentile bootstrap's p-value of 0 (its 10 distinct resamples on one side of 0) called this 'resolved'."""
+    from hpcwalk.study import summarize, walk_table
+
+    st, frames = _synthetic_study(3, {"linear": 3.0, "normalized": 0.0, "slerp": 0.0})
+    s = summarize(st, frames, walk_table(st, frames), {"clip_model": "m/openai", "encoder_model": "dino",
+                                                       "model_id": "real", "lpips": "alex"})
+    for prefix in ("clip", "encoder"):
+        for name, test in s["yardsticks"][f"kid_{prefix}"]["paired"].items():
+            assert test["p"] >= 0.25 and not test["resolved"], (prefix, name, test)
+
+
+def test_kid_swap_terms_give_every_swapped_difference():
+    """D(u) = u . v / (P (P - 1)) equals KID_a - KID_b recomputed after swapping the methods' frames in the pairs
+    where u = -1, for all 2^P swaps: the sign-flip test on v is the exact within-pair swap test."""
+    import itertools
+
+    from hpcwalk import metrics
+
+    rng = np.random.default_rng(0)
+    P, F, D = 5, 3, 4
+    a, b, y = rng.normal(size=(P, F, D)), rng.normal(size=(P, F, D)) + 0.3, rng.normal(size=(P, 2, D))
+    pk = lambda x, z: metrics.pair_kernel_means(x, z, gamma=1.0)  # noqa: E731
+    kid = lambda x: metrics.kid_from_blocks(pk(x, x), pk(y, y), pk(x, y))[0]  # noqa: E731
+    v = metrics.kid_swap_terms(pk(a, a), pk(b, b), pk(a, b), pk(a, y), pk(b, y))
+    for u in itertools.product([1, -1], repeat=P):
+        swap = (np.array(u) < 0)[:, None, None]
+        assert kid(np.where(swap, b, a)) - kid(np.where(swap, a, b)) == pytest.approx(np.dot(u, v) / (P * (P - 1)), abs=1e-9)
