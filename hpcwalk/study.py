@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hpcwalk import metrics
+from hpcwalk import metrics, validate
 from hpcwalk.job import METHODS
 from hpcwalk.job import JobError, RenderJob, parse_job, plan, read_toml
 
@@ -79,6 +81,9 @@ def parse_study(data: dict[str, Any], source: str = "<dict>") -> Study:
     if not isinstance(raw, dict):
         raise JobError("the study file has no [study] table: add one (see examples/study.toml)")
     spec = _parse_spec(raw)
+    # the plan's size from the counts, before a walk table exists (10**9 pairs must not build 10**9 dicts)
+    validate.check_plan_size(spec.pairs * len(spec.prompts) * len(spec.methods) * spec.frames,
+                             spec.pairs * len(spec.prompts), "the study")
     clip = data.get("clip", {})
     if isinstance(clip, dict) and clip.get("enabled", True) is False:
         raise JobError("[clip] enabled = false: a study needs CLIP scores; remove the line")
@@ -115,6 +120,11 @@ def _parse_spec(raw: dict[str, Any]) -> StudySpec:
         if not isinstance(v, int) or isinstance(v, bool) or v < low:
             raise JobError(f"[study] {key} must be an int >= {low}, got {v!r}")
         vals[key] = v
+    for k, p in enumerate(prompts):
+        validate.check_text(f"[study] prompts[{k}]", p, validate.MAX_PROMPT_CHARS, nul=True)
+    validate.bounded("[study] bootstrap", vals["bootstrap"], None, validate.MAX_BOOTSTRAP, "resamples")
+    validate.bounded("[study] first_seed + pairs", vals["first_seed"] + vals["pairs"], None, validate.SEED_LIMIT,
+                     "seeds are int64")
     conf = raw.get("confidence", metrics.CONFIDENCE)
     if not isinstance(conf, float) or not 0.5 <= conf < 1:
         raise JobError(f"[study] confidence must be a float in [0.5, 1), got {conf!r}")
@@ -133,7 +143,9 @@ def clip_prefixes(table: pa.Table) -> list[str]:
 
 
 def walk_table(study: Study, frames: pa.Table) -> pa.Table:
-    """study.parquet: one row per (seed pair, prompt, method) with InterpScore, smoothness, latent norm."""
+    """study.parquet: one row per (seed pair, prompt, method) with InterpScore, smoothness, latent norm,
+    for the seed pairs whose walks are all complete. A pair with an incomplete walk (a shard not rendered
+    or left out as damaged) is left out whole, so the methods stay paired; `analysed_pairs` tells which."""
     spec = study.spec
     prefixes = clip_prefixes(frames)
     if not prefixes:
@@ -148,10 +160,10 @@ def walk_table(study: Study, frames: pa.Table) -> pa.Table:
     for name, pair, k in spec.units():
         for m in spec.methods:
             if (name, m) not in starts:
-                raise JobError(f"walk {name}/{m} has no committed frames: rerun the study to finish rendering")
+                continue  # no committed frames
             sl = slice(starts[(name, m)], starts[(name, m)] + spec.frames)
             if len(walk[sl]) != spec.frames or (walk[sl] != name).any() or (method[sl] != m).any():
-                raise JobError(f"walk {name}/{m} is incomplete: rerun the study to finish rendering")
+                continue  # incomplete
             seed = spec.first_seed + pair
             row = {"walk": name, "pair": pair, "prompt_index": k, "prompt": spec.prompts[k], "method": m,
                    "seed_a": f"{seed}:0", "seed_b": f"{seed}:1", "frames": spec.frames,
@@ -161,7 +173,16 @@ def walk_table(study: Study, frames: pa.Table) -> pa.Table:
                 row[f"interp_score{tag}"] = float(scores[p][sl].mean())  # InterpScore(f, text, n)
                 row.update({f"{key}{tag}": v for key, v in metrics.smoothness(embs[p][sl]).as_dict().items()})
             rows.append(row)
+    walks_per_pair = Counter(r["pair"] for r in rows)
+    rows = [r for r in rows if walks_per_pair[r["pair"]] == len(spec.prompts) * len(spec.methods)]
+    if not rows:
+        raise JobError("no seed pair has all its walks complete: rerun the study to finish rendering")
     return pa.Table.from_pylist(rows)
+
+
+def analysed_pairs(walks: pa.Table) -> list[int]:
+    """The seed pairs a walk table covers (those with every walk complete), in order."""
+    return sorted(set(walks["pair"].to_pylist()))
 
 
 def _embeddings(col: pa.ChunkedArray) -> np.ndarray:
@@ -172,20 +193,24 @@ def _embeddings(col: pa.ChunkedArray) -> np.ndarray:
 
 
 def _per_pair(walks: pa.Table, spec: StudySpec, column: str) -> dict[str, np.ndarray]:
-    """method -> (pairs,) values of a walk column, averaged over prompts (the bootstrap unit is the pair)."""
+    """method -> (pairs,) values of a walk column over the analysed pairs, averaged over prompts (the
+    bootstrap unit is the pair)."""
+    pos = {p: i for i, p in enumerate(analysed_pairs(walks))}
     out = {}
     for m in spec.methods:
         sub = walks.filter(pc.equal(walks["method"], m))
-        vals = np.zeros(spec.pairs)
-        np.add.at(vals, sub["pair"].to_numpy(), sub[column].to_numpy())
+        vals = np.zeros(len(pos))
+        np.add.at(vals, [pos[p] for p in sub["pair"].to_pylist()], sub[column].to_numpy())
         out[m] = vals / len(spec.prompts)
     return out
 
 
-def _curves(frames: pa.Table, spec: StudySpec, column: str, steps: bool = False) -> dict[str, np.ndarray]:
-    """method -> (pairs, n) values along gamma (or (pairs, n - 1) step distances), averaged over prompts;
-    `frames` sorted by `_sorted` and complete (checked by `walk_table`)."""
-    pair_of = {name: pair for name, pair, _ in spec.units()}
+def _curves(frames: pa.Table, spec: StudySpec, column: str, pairs: list[int], steps: bool = False
+            ) -> dict[str, np.ndarray]:
+    """method -> (pairs, n) values along gamma (or (pairs, n - 1) step distances) over the analysed
+    `pairs`, averaged over prompts; `frames` sorted by `_sorted` and holding only those pairs' walks."""
+    pos = {p: i for i, p in enumerate(pairs)}
+    pair_of = {name: pos[pair] for name, pair, _ in spec.units() if pair in pos}
     out = {}
     for m in spec.methods:
         sub = frames.filter(pc.equal(frames["method"], m))
@@ -193,7 +218,7 @@ def _curves(frames: pa.Table, spec: StudySpec, column: str, steps: bool = False)
         vals = _embeddings(sub[column]) if steps else sub[column].to_numpy()
         vals = vals.reshape(len(walks), spec.frames, -1)
         y = np.stack([metrics.step_distances(v) for v in vals]) if steps else vals[..., 0]
-        acc = np.zeros((spec.pairs, y.shape[1]))
+        acc = np.zeros((len(pairs), y.shape[1]))
         np.add.at(acc, [pair_of[w] for w in walks], y)
         out[m] = acc / len(spec.prompts)
     return out
@@ -204,7 +229,8 @@ def summarize(study: Study, frames: pa.Table, walks: pa.Table, clip_models: dict
     spec = study.spec
     boot = dict(n_boot=spec.bootstrap, confidence=spec.confidence)
     gamma = np.linspace(0.0, 1.0, spec.frames)
-    frames = _sorted(frames)
+    pairs = analysed_pairs(walks)
+    frames = _sorted(frames.filter(pc.is_in(frames["walk"], walks["walk"].unique())))  # the analysed walks only
     prefixes = clip_prefixes(frames)
 
     def intervals(column: str) -> dict[str, dict[str, float]]:  # method -> CI of the per-pair means
@@ -214,7 +240,9 @@ def summarize(study: Study, frames: pa.Table, walks: pa.Table, clip_models: dict
         "study": asdict(spec), "job_fingerprint": study.job.fingerprint(), "model": study.job.model.id,
         "steps": study.job.sampling.steps, "size": [study.job.sampling.height, study.job.sampling.width],
         "clip_models": {p: clip_models.get(f"{p}_model", "") for p in prefixes},
-        "unit": "seed pair (values averaged over prompts first)", "n_units": spec.pairs,
+        "unit": "seed pair (values averaged over prompts first)", "n_units": len(pairs),
+        "pairs_left_out": spec.pairs - len(pairs),
+        "left_out_pairs": sorted(set(range(spec.pairs)) - set(pairs))[:1000],
         "interp_score": {}, "paired_differences": {}, "score_curves": {}, "smoothness": {}, "step_curves": {},
         "per_prompt": {},
     }
@@ -225,18 +253,18 @@ def summarize(study: Study, frames: pa.Table, walks: pa.Table, clip_models: dict
         out["paired_differences"][p] = {
             f"{a} - {b}": metrics.paired_difference(per[a], per[b], **boot).as_dict()
             for i, a in enumerate(spec.methods) for b in spec.methods[i + 1:]}
-        out["score_curves"][p] = _curve_dict(_curves(frames, spec, f"{p}_score"), gamma, boot)
+        out["score_curves"][p] = _curve_dict(_curves(frames, spec, f"{p}_score", pairs), gamma, boot)
         by_key = {key: intervals(f"{key}{tag}") for key in SMOOTHNESS}
         out["smoothness"][p] = {m: {key: by_key[key][m] for key in SMOOTHNESS} for m in spec.methods}
         out["step_curves"][p] = _curve_dict(
-            _curves(frames, spec, f"{p}_image", steps=True), (gamma[1:] + gamma[:-1]) / 2, boot)
+            _curves(frames, spec, f"{p}_image", pairs, steps=True), (gamma[1:] + gamma[:-1]) / 2, boot)
         if len(spec.prompts) > 1:  # each prompt on its own, over the seed pairs
             out["per_prompt"][p] = {prompt: {m: metrics.bootstrap_ci(_select(walks, k, m)[f"interp_score{tag}"].to_numpy(),
                                                                      **boot).as_dict() for m in spec.methods}
                                     for k, prompt in enumerate(spec.prompts)}
     norms = {key: intervals(f"latent_norm_{key}") for key in ("min", "mean")}
     out["latent_norm"] = {m: {key: norms[key][m] for key in norms} for m in spec.methods}
-    out["latent_norm_curves"] = _curve_dict(_curves(frames, spec, "latent_norm"), gamma, boot)
+    out["latent_norm_curves"] = _curve_dict(_curves(frames, spec, "latent_norm", pairs), gamma, boot)
     out["latent_norm_linear_theory"] = {"gamma": gamma.tolist(), "ratio": metrics.linear_norm_ratio(gamma).tolist()}
     return out
 
@@ -270,53 +298,64 @@ class StudyResult:
     status: str
     render: Any  # executors.RunSummary
     files: list[str]
+    pairs_left_out: int = 0  # seed pairs not analysed: some walk of theirs incomplete
 
 
-def run_study(study: Study, out: str, overwrite: bool = False, progress: bool = True, executor: Any = None
-              ) -> StudyResult:
+def run_study(study: Study, out: str, overwrite: bool = False, progress: bool = True, executor: Any = None,
+              verify: str = "full") -> StudyResult:
     """Render the study's frames through the executors (resuming; `executor`: executors.ExecutorOptions,
-    None renders in this process), then write the analysis."""
+    None renders in this process), then write the analysis of the seed pairs whose walks are complete."""
     from hpcwalk.executors import run_render
     from hpcwalk.job import shard
-    from hpcwalk.report import write_report
-    from hpcwalk.store import read_frames
 
-    # 1. render and score what is not committed yet (same path as `hpcwalk render`)
+    # 1. render and score what is not committed yet, or damaged (same path as `hpcwalk render`)
     shards = shard(plan(study.job), study.job.output.shard_size)
-    summary = run_render(study.job, out, shards, overwrite=overwrite, progress=progress, executor=executor)
+    summary = run_render(study.job, out, shards, overwrite=overwrite, progress=progress, executor=executor,
+                         verify=verify)  # type: ignore[arg-type]
     if summary.failed:
         return StudyResult("failed", summary, [])
-    # 2. read the committed frames (no image bytes) and reduce to one row per walk
-    cols = [n for n in _frame_columns(out) if n != "image"]
-    frames = read_frames(out, columns=cols)
+    # 2. the analysis of what is committed and verified
+    files, left_out = analyse(study, out, verify)
+    return StudyResult("done", summary, files, left_out)
+
+
+def analyse(study: Study, out: str, verify: str = "full") -> tuple[list[str], int]:
+    """Read a study folder's verified frames (no images), reduce them to one row per walk of the seed pairs
+    with every walk complete, write the three outputs; returns (files written, seed pairs left out)."""
+    from hpcwalk.report import write_report
+    from hpcwalk.store import RunWarning, read_verified, shard_columns, verify_run
+
+    # 1. the verified frames, without image bytes (damaged shards left out, each with a warning)
+    shards = verify_run(out, verify)  # type: ignore[arg-type]
+    shards.warn()
+    frames = read_verified(shards, [n for n in shard_columns(shards) if n != "image"] or None)
     meta = {k.decode(): v.decode() for k, v in (frames.schema.metadata or {}).items()}
+    # 2. one row per walk of the complete pairs; say how many pairs are left out
     walks = walk_table(study, frames)
+    left_out = study.spec.pairs - len(analysed_pairs(walks))
+    if left_out:
+        warnings.warn(RunWarning(f"analysed {study.spec.pairs - left_out} of {study.spec.pairs} seed pairs: "
+                                 f"{left_out} left out with incomplete walks (rerun the study to render them)"),
+                      stacklevel=2)
     # 3. the summary, the table, the report
     summary_json = summarize(study, frames, walks, meta)
     files = write_outputs(out, walks, summary_json)
     files += write_report(out, summary_json, walks)
-    return StudyResult("done", summary, files)
-
-
-def _frame_columns(out: str) -> list[str]:
-    import pyarrow.parquet as pq
-
-    from hpcwalk.store import committed_files
-
-    return pq.read_schema(committed_files(out)[0]).names
+    return files, left_out
 
 
 def write_outputs(out: str, walks: pa.Table, summary: dict[str, Any]) -> list[str]:
-    """study.parquet and study.json, each written to a temporary name and renamed."""
-    import os
+    """study.parquet and study.json, each written to a temporary name and renamed (no temporary file is
+    left when a write fails)."""
+    import io
 
     import pyarrow.parquet as pq
 
-    root = Path(out)
-    tmp = root / ".study.parquet.tmp"
-    pq.write_table(walks, tmp)
-    os.replace(tmp, root / "study.parquet")
-    tmp = root / ".study.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, root / "study.json")
-    return [str(root / "study.parquet"), str(root / "study.json")]
+    from hpcwalk.store import filesystem, write_atomic
+
+    fs, root = filesystem(out)
+    buf = io.BytesIO()
+    pq.write_table(walks, buf)
+    write_atomic(fs, f"{root}/study.parquet", buf.getvalue())
+    write_atomic(fs, f"{root}/study.json", json.dumps(summary, indent=2).encode())
+    return [f"{root}/study.parquet", f"{root}/study.json"]
