@@ -55,11 +55,11 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
-def _fail_io(e: OSError, what: str) -> None:
+def _fail_io(e: OSError, what: str = "") -> None:
     """A writer hit the filesystem (a full disk, a vanished folder): one line, exit 1; nothing half-written
     stays under a final name (writers use temporary names), and rerunning after freeing space completes."""
-    where = f" {e.filename}" if getattr(e, "filename", None) else ""
-    typer.echo(f"error: cannot write {what}{where}: {e.strerror or e}: free space (or fix the folder) and "
+    where = " ".join(x for x in (what, str(getattr(e, "filename", None) or "")) if x)
+    typer.echo(f"error: cannot write {where or 'a file'}: {e.strerror or e}: free space (or fix the folder) and "
                "rerun the same command", err=True)
     raise typer.Exit(1)
 
@@ -177,6 +177,8 @@ def render(
         prepared = prepare_render(job, out, overwrite, executor)
     except (JobError, StoreError, ModelLoadError, CompileError) as e:
         _fail(str(e))
+    except OSError as e:  # a cache this process writes (the tokenizer's), on a full disk
+        _fail_io(e)
     job = prepared.job
     for note in prepared.notes:
         typer.echo(f"note: {note}", err=True)
@@ -342,6 +344,8 @@ def study(
         st, mode = dataclasses.replace(st, job=prepared.job), prepared.mode
     except (JobError, StoreError, ModelLoadError, CompileError) as e:
         _fail(str(e))
+    except OSError as e:
+        _fail_io(e)
     s = st.spec
     typer.echo(f"hpcwalk study: {s.pairs} seed pairs x {len(s.prompts)} prompt(s) x {len(s.methods)} methods x "
                f"{s.frames} frames, model {st.job.model.id}, CLIP "

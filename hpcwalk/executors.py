@@ -40,7 +40,8 @@ from hpcwalk.executor_base import (  # noqa: F401  (re-exported: the shared piec
 )
 from hpcwalk.job import RenderJob, Shard
 from hpcwalk.runlock import RunLock
-from hpcwalk.store import DEFAULT_LEVEL, RunWarning, ShardStore, VerifyLevel, run_metadata, verify_run
+from hpcwalk.store import DEFAULT_LEVEL, RunWarning, ShardStore, VerifyLevel, filesystem, run_metadata, verify_run
+from hpcwalk.verify import repair
 
 # ---------------------------------------------------------------------------------------------
 # 1. Executors (what they share, one shard's render and commit and the options, is in executor_base)
@@ -240,7 +241,7 @@ def run_render(job: RenderJob, out: str, shards: Sequence[Shard], overwrite: boo
         if lock.folder_exists():
             lock.acquire()
         # 2. what is left: committed shards verified against their markers; damaged ones render again
-        todo, summary = _left_to_render(out, shards, overwrite, verify, ex.name)
+        todo, summary = _left_to_render(out, shards, overwrite, verify, ex.name, lock.held)
         if not todo:
             return summary
         try:
@@ -267,9 +268,10 @@ def run_render(job: RenderJob, out: str, shards: Sequence[Shard], overwrite: boo
     return summary
 
 
-def _left_to_render(out: str, shards: Sequence[Shard], overwrite: bool, verify: VerifyLevel, executor: str
-                    ) -> tuple[list[Shard], RunSummary]:
-    """The shards to render (all with overwrite; else those not committed or not passing verification)."""
+def _left_to_render(out: str, shards: Sequence[Shard], overwrite: bool, verify: VerifyLevel, executor: str,
+                    locked: bool) -> tuple[list[Shard], RunSummary]:
+    """The shards to render (all with overwrite; else those not committed or not passing verification).
+    Holding the lock, stray temporary files are a killed writer's leftovers: they are removed."""
     planned = {s.index for s in shards}
     done: set[int] = set()
     damaged: list[str] = []
@@ -280,6 +282,8 @@ def _left_to_render(out: str, shards: Sequence[Shard], overwrite: bool, verify: 
             if c.index in planned and c.marker is not None:  # it was committed once: say so
                 damaged.append(c.describe())
                 warnings.warn(RunWarning(f"{c.describe()}: rendering it again"), stacklevel=3)
+        if locked:
+            repair(filesystem(out)[0], [c for c in checked.checks if c.state == "stray temp file"])
     todo = [s for s in shards if s.index not in done]
     return todo, RunSummary(out, already_committed=len(done), total_shards=len(shards), executor=executor,
                             damaged=damaged)

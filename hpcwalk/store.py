@@ -283,12 +283,19 @@ def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         with fs.open_output_stream(tmp) as f:
             f.write(data)
         fs.move(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             fs.delete_file(tmp)
         except OSError:  # never created, or the folder itself is gone
             pass
+        if isinstance(e, OSError):
+            raise target_error(e, path) from e
         raise
+
+
+def target_error(e: OSError, path: str) -> OSError:
+    """The OSError of a failed write, naming the file meant (not its temporary name) and the plain reason."""
+    return OSError(e.errno, os.strerror(e.errno) if e.errno else str(e), path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ MAX_STD = 10.0  # std sweeps scale z_T ~ N(0, I); the study sweeps around 0.5..1
 SEED_LIMIT = 2**63  # seeds are int64 in the Parquet schema and in torch.Generator.manual_seed
 MAX_DRAW = 10_000  # "S:K" draws K latents first and keeps the last: bounded work per seed
 MAX_PROMPT_CHARS = 10_000  # the text encoder reads 77 tokens (about 300 characters); longer is cut
-MAX_NAME_CHARS = 256  # walk names
+MAX_NAME_CHARS = 1000  # walk names (files get a safe name: store.safe_filename)
 MAX_TEXT_CHARS = 4096  # model ids, revisions, CLIP names and tags, devices
 MAX_PLAN_FRAMES = 100_000_000  # frames in one job (the driver holds the whole plan)
 PLAN_BYTES_PER_FRAME = 400  # measured 353-364 bytes per plan row and shard entry (tracemalloc)
@@ -164,7 +164,9 @@ def available_memory() -> int | None:
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:,.1f} GiB" if n >= 2**28 else f"{n / 2**20:,.1f} MiB"
+    if n >= 2**28:
+        return f"{n / 2**30:,.1f} GiB"
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
 
 
 # ---------------------------------------------------------------------------------------------

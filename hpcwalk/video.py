@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from hpcwalk.runindex import RunIndex, Track, iter_images, param_text
-from hpcwalk.store import safe_filename
+from hpcwalk.store import safe_filename, target_error
 
 
 class VideoError(ValueError):
@@ -247,9 +247,11 @@ def write_video(index: RunIndex, walk: str, out: str | None = None, methods: Seq
             for packet in stream.encode():
                 container.mux(packet)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise target_error(e, out) from e  # a full disk: the file meant, not the temporary name
         raise
     played = 100 / round(100 / float(rate)) if fmt.container == "gif" else float(rate)  # GIF delays: 1/100 s
     return VideoResult(out, walk, [t.label for t in tracks], frames, layout.width, layout.height, played,

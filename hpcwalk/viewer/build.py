@@ -28,6 +28,7 @@ from PIL import Image
 
 from hpcwalk import figures
 from hpcwalk.runindex import RunIndex, Track, evenly_spaced, iter_images, param_text
+from hpcwalk.store import target_error
 
 MARKER = ".hpcwalk-viewer"
 STATIC = ("viewer.js", "viewer.css", "index.html")  # index.html last
@@ -231,7 +232,9 @@ def _write(folder: str, name: str, data: bytes) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, os.path.join(folder, name))
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise target_error(e, os.path.join(folder, name)) from e
         raise
