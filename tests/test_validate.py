@@ -56,8 +56,9 @@ def _refused(res, needle: str, out) -> None:
     ('device = "cpu"', 'device = "cuda:abc"', "[render] device must be auto, cpu, cuda or cuda:N, got 'cuda:abc'"),
     ('methods = ["linear"]', 'methods = ["linear", "linear"]', "distinct methods"),
     ('id = "tiny"', 'id = "a\\u0000b"', "[model] id must not contain a NUL character"),
+    ('name = "w"', 'name = "../w"', "name must be a non-empty string without '/'"),
 ], ids=["frames", "steps", "height", "draw", "seed", "seed-draw", "guidance-inf", "guidance-nan", "guidance-huge",
-        "prompt", "device", "methods", "model-nul"])
+        "prompt", "device", "methods", "model-nul", "name-slash"])
 def test_each_bound_refuses_before_any_work(tmp_path, line, edited, needle):
     assert line in SMALL
     job = tmp_path / "job.toml"

@@ -26,6 +26,7 @@ from hpcwalk.cli import app
 from hpcwalk.job import plan, shard
 from hpcwalk.store import ShardStore, encode_image, frames_table, run_metadata
 from hpcwalk.study import parse_study
+from jobs import cat_walk, tiny_job_toml
 from synthetic_run import LATENT3, frame_image, make_run
 
 runner = CliRunner()
@@ -205,3 +206,26 @@ def test_full_disk_in_score_and_the_study_report(tmp_path, disk):
     res = runner.invoke(app, args)  # space again: the rerun writes everything
     assert res.exit_code == 0, res.output
     assert (out / "report.html").exists() and runner.invoke(app, score).exit_code == 0
+
+
+def test_full_disk_during_render_loses_no_committed_shard_and_the_rerun_completes(tmp_path, disk):
+    if not disk.mounted:
+        pytest.skip("needs a small real filesystem (root, to mount a tmpfs): a per-file size cap is not a full disk")
+    job = tmp_path / "job.toml"
+    job.write_text(tiny_job_toml(cat_walk(methods=["linear", "slerp"], frames=6), steps=1, size=32))
+    ref, out = tmp_path / "ref", disk.path / "run"
+    assert runner.invoke(app, ["render", str(job), "--out", str(ref), "--no-progress"]).exit_code == 0
+    per_shard = max(f.stat().st_size for f in (ref / "frames").iterdir())
+    with disk.full(free=3 * 4096 + 2 * (per_shard // 4096 + 2) * 4096):  # run.json and about two shards fit
+        res = runner.invoke(app, ["render", str(job), "--out", str(out), "--no-progress"])
+        assert res.exit_code == 1, res.output
+        assert "No space left on device" in res.stderr and "committed shards are kept" in res.stderr
+        kept = runner.invoke(app, ["verify", str(out)]).stdout.splitlines()[-1]
+    assert kept.endswith("(full)") and not kept.startswith("0 of"), kept  # what was committed verifies
+    assert _temps(out) == []
+    res = runner.invoke(app, ["render", str(job), "--out", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    from hpcwalk.store import read_frames
+
+    got, want = (read_frames(str(d)).sort_by("frame_id").replace_schema_metadata(None) for d in (out, ref))
+    assert got.equals(want)
