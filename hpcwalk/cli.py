@@ -5,13 +5,17 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Iterator, Optional
 
 import typer
 
 from hpcwalk.compile import CompileError
 from hpcwalk.job import DTYPES, JobError
+from hpcwalk.validate import check_render_device, check_speed  # noqa: F401  (pre-work checks live in validate.py)
+from hpcwalk.verify import DEFAULT_LEVEL, VERIFY_LEVELS, RunWarning
 
 app = typer.Typer(
     add_completion=False,
@@ -60,6 +64,7 @@ def configure_logging(verbose: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
                                  help="Print hpcwalk's version and its libraries' versions, then exit."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging (give it before the command: "
@@ -68,11 +73,41 @@ def _root(
 ) -> None:
     """hpcwalk: latent-space walks of Stable Diffusion 1.x and 2.x at cluster scale."""
     configure_logging(verbose)
+    ctx.with_resource(_warning_lines())
+
+
+@contextmanager
+def _warning_lines() -> Iterator[None]:
+    """While a command runs, each RunWarning (a damaged shard left out, a stale lock taken over, a prompt
+    the text encoder cuts) is printed once as one `warning: ...` line on stderr."""
+    seen: set[str] = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", RunWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not issubclass(category, RunWarning):
+                return shown(message, category, filename, lineno, file, line)
+            if str(message) not in seen:
+                seen.add(str(message))
+                typer.echo(f"warning: {message}", err=True)
+
+        warnings.showwarning = show  # restored by catch_warnings on the way out
+        yield
 
 
 def _fail(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(2)
+
+
+def _fail_io(e: OSError, what: str = "") -> None:
+    """A writer hit the filesystem (a full disk, a vanished folder): one line, exit 1; nothing half-written
+    stays under a final name (writers use temporary names), and rerunning after freeing space completes."""
+    where = " ".join(x for x in (what, str(getattr(e, "filename", None) or "")) if x)
+    typer.echo(f"error: cannot write {where or 'a file'}: {e.strerror or e}: free space (or fix the folder) and "
+               "rerun the same command", err=True)
+    raise typer.Exit(1)
 
 
 # Executor flags, shared by every command that renders: declare them with these aliases
@@ -119,6 +154,17 @@ def _library_progress(enabled: bool) -> bool:
 
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", callback=_library_progress,
                                               help="Show progress bars (--no-progress: none, the libraries' included).")]
+VerifyOption = Annotated[str, typer.Option(
+    "--verify", metavar="quick|full",
+    help="How committed shards are checked against their commit markers before they count: quick (file present, "
+         "size) or full (sha256 of every byte, the default). A shard that fails is left out with a warning (and "
+         "rendered again by render and study).")]
+
+
+def _level(verify: str) -> str:
+    if verify not in VERIFY_LEVELS:
+        _fail(f"--verify {verify!r} is not a level: choose quick (size) or full (sha256)")
+    return verify
 
 
 def executor_options(ray: Optional[str], workers: Optional[int], gpus_per_worker: Optional[float],
@@ -134,26 +180,6 @@ def executor_options(ray: Optional[str], workers: Optional[int], gpus_per_worker
         return options
     except ExecutorError as e:
         _fail(str(e))
-
-
-def check_render_device(job, executor) -> None:
-    """Model, device, dtype, [compile] and CLIP checks where the frames will render: here without --ray;
-    with --ray only the model source and CLIP names and tags here (the driver may be a CPU-only head
-    without the weights), the rest on each worker while it starts, which still stops the run (exit 2)
-    before anything is written."""
-    from hpcwalk.clip import check_job_clip
-    from hpcwalk.framestats import check_job_encoder
-    from hpcwalk.models import check_model_files, check_model_spec, model_source
-
-    here = executor is None or executor.ray is None
-    if here:
-        check_model_spec(job.model.id, job.render.dtype, job.render.device)
-        check_model_files(job.model)  # the file / folder / cached snapshot: complete, known architecture, variants
-        check_speed(job)  # [compile] choices that cannot run on this device (CompileError)
-    else:
-        model_source(job.model.id)
-    check_job_clip(job, here)  # ClipLoadError is a ModelLoadError
-    check_job_encoder(job, here)  # EncoderLoadError too
 
 
 def expand_ray_flag(argv: list[str]) -> list[str]:
@@ -184,42 +210,60 @@ def render(
     gpus_per_worker: GpusPerWorkerOption = None,
     retries: RetriesOption = 2,
     shard_timeout: ShardTimeoutOption = None,
+    verify: VerifyOption = DEFAULT_LEVEL,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and plan only: print the plan's size and what a "
+                                 "run would render, write nothing (exit 0), or the first problem (exit 2)."),
 ) -> None:
     """Render every frame of JOB_FILE into Parquet shards under --out.
 
-    A rerun with the same job resumes: committed shards are skipped. Exit codes: 0 all shards
-    committed, 1 some shard failed (listed; committed shards stay), 2 bad input (nothing written).
+    A rerun with the same job resumes: committed shards that pass verification are skipped, damaged
+    ones are named and rendered again. One driver per folder: a second render into a folder that a
+    live render holds is refused. Exit codes: 0 all shards committed, 1 some shard failed (listed;
+    committed shards stay), 2 bad input (nothing written).
     """
-    from hpcwalk.job import load_job, plan, shard
+    from hpcwalk.job import load_job
     from hpcwalk.models import ModelLoadError
-    from hpcwalk.store import StoreError, preflight
+    from hpcwalk.store import StoreError, verify_run
+    from hpcwalk.validate import prepare_render
 
-    # 1. validate everything before any work
+    # 1. validate everything before any work, then plan
     executor = executor_options(ray, workers, gpus_per_worker, retries, shard_timeout)
+    level = _level(verify)
     try:
         job = load_job(job_file).with_overrides(model=model, device=device, dtype=dtype,
                                                 batch_size=batch_size, shard_size=shard_size,
                                                 compile_mode=compile_mode, attention=attention)
-        check_render_device(job, executor)
-        mode = preflight(out, job, overwrite)
+        prepared = prepare_render(job, out, overwrite, executor)
     except (JobError, StoreError, ModelLoadError, CompileError) as e:
         _fail(str(e))
-    rows = plan(job)
-    shards = shard(rows, job.output.shard_size)
-    typer.echo(f"hpcwalk: {len(rows)} frames in {len(shards)} shards, model {job.model.id}, "
-               f"{job.sampling.steps} steps, {job.render.dtype} ({mode} run in {out})", err=True)
-    run_job(job, out, shards, overwrite=overwrite, progress=progress, executor=executor)
+    except OSError as e:  # a cache this process writes (the tokenizer's), on a full disk
+        _fail_io(e)
+    job = prepared.job
+    for note in prepared.notes:
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(f"hpcwalk: {len(prepared.rows)} frames in {len(prepared.shards)} shards, model {job.model.id}, "
+               f"{job.sampling.steps} steps, {job.render.dtype} ({prepared.mode} run in {out})", err=True)
+    if dry_run:  # 2. the plan's size and what a run would render; nothing written
+        done = set() if prepared.mode != "resume" else verify_run(out, level).indices
+        left = sum(1 for s in prepared.shards if s.index not in done)
+        typer.echo(f"dry run: {prepared.describe()}; {len(prepared.shards) - left} shards committed and verified "
+                   f"({level}), {left} to render; nothing written")
+        return
+    # 2. render what is left
+    run_job(job, out, prepared.shards, overwrite=overwrite, progress=progress, executor=executor, verify=level)
 
 
-def run_job(job, out: str, shards, overwrite: bool = False, progress: bool = True, executor=None) -> None:
+def run_job(job, out: str, shards, overwrite: bool = False, progress: bool = True, executor=None,
+            verify: str = DEFAULT_LEVEL) -> None:
     """Render what is not committed yet (executors.run_render, local or on Ray), print the summary, exit 1 on failures."""
     from hpcwalk.executors import ExecutorError, run_render
     from hpcwalk.models import ModelLoadError
     from hpcwalk.store import StoreError
 
     try:
-        summary = run_render(job, out, shards, overwrite=overwrite, progress=progress, executor=executor)
-    except (ModelLoadError, StoreError, ExecutorError, CompileError) as e:
+        summary = run_render(job, out, shards, overwrite=overwrite, progress=progress, executor=executor,
+                             verify=verify)
+    except (ModelLoadError, StoreError, ExecutorError, CompileError, JobError) as e:
         _fail(str(e))
     typer.echo(summary.describe())
     if summary.failed:
@@ -239,8 +283,10 @@ def video(
     format: Optional[str] = typer.Option(None, "--format", "-f", help="mp4 (H.264 yuv420p, faststart), webm, webp or gif (default: --out's extension, else mp4)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output file (needs --walk when the run has several walks; default RUN_DIR/videos/WALK.FMT)."),
     labels: bool = typer.Option(True, "--labels/--no-labels", help="Method names above the panels, the walk parameter below."),
+    verify: VerifyOption = DEFAULT_LEVEL,
 ) -> None:
-    """Stream a walk's committed frames into a video, its methods side by side; says what is missing."""
+    """Stream a walk's committed frames into a video, its methods side by side; says what is missing.
+    Damaged shards are left out with a warning; exit 1 when the file cannot be written (a full disk)."""
     import os
 
     from hpcwalk.runindex import open_run
@@ -250,9 +296,10 @@ def video(
     # 1. validate: the run, the options, the walks
     fmt = format or {".webm": "webm", ".webp": "webp", ".gif": "gif"}.get(os.path.splitext(out or "")[1].lower(), "mp4")
     opts = VideoOptions(format=fmt, fps=fps, crf=crf, labels=labels)
+    level = _level(verify)
     try:
         check_options(opts)
-        index = open_run(run_dir)
+        index = open_run(run_dir, level)
         walks = [walk] if walk else index.walks()
         if out and len(walks) > 1:
             _fail(f"--out names one file but {run_dir!r} has {len(walks)} walks: add --walk NAME (one of {', '.join(walks)})")
@@ -275,6 +322,8 @@ def video(
             _fail(f"no walk of {run_dir!r} has committed frames" + (f" for method {', '.join(method)}" if method else ""))
     except (StoreError, VideoError) as e:
         _fail(str(e))
+    except OSError as e:
+        _fail_io(e, "the video")
 
 
 @app.command()
@@ -282,16 +331,19 @@ def view(
     run_dir: str = typer.Argument(..., help="A run folder written by `hpcwalk render` (may be partial)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Viewer folder (default RUN_DIR/viewer); must be new, empty or a previous viewer."),
     thumb_size: int = typer.Option(160, "--thumb-size", min=16, help="Longest side of the strip thumbnails, in pixels."),
+    verify: VerifyOption = DEFAULT_LEVEL,
 ) -> None:
-    """Write a static viewer (index.html + images, no server; opens from file://); says what is missing."""
+    """Write a static viewer (index.html + images, no server; opens from file://); says what is missing.
+    Damaged shards are left out with a warning; exit 1 when a file cannot be written (a full disk)."""
     from hpcwalk.runindex import open_run
     from hpcwalk.store import StoreError
     from tqdm import tqdm
 
     from hpcwalk.viewer import ViewerError, build_viewer, check_out, default_out
 
+    level = _level(verify)
     try:
-        index = open_run(run_dir)
+        index = open_run(run_dir, level)
         check_out(out or default_out(index))
         for line in index.missing_report():
             typer.echo(f"warning: {line}", err=True)
@@ -299,6 +351,8 @@ def view(
             typer.echo(build_viewer(index, out, thumb_size=thumb_size, progress=bar.update).describe())
     except (StoreError, ViewerError) as e:
         _fail(str(e))
+    except OSError as e:
+        _fail_io(e, "the viewer")
 
 
 @app.command()
@@ -318,22 +372,26 @@ def study(
     gpus_per_worker: GpusPerWorkerOption = None,
     retries: RetriesOption = 2,
     shard_timeout: ShardTimeoutOption = None,
+    verify: VerifyOption = DEFAULT_LEVEL,
 ) -> None:
     """Render N seed pairs x methods x n frames, CLIP-scored in the same pass, and report InterpScore
     per method with bootstrap CIs, paired differences, curves along gamma and smoothness.
 
-    A rerun renders only uncommitted shards, then rewrites the analysis. Exit codes: 0 done,
-    1 some shard failed (rerun to retry), 2 bad input (nothing written).
+    A rerun renders only uncommitted (or damaged) shards, then rewrites the analysis, which covers seed
+    pairs whose walks are all complete and says how many it left out. Exit codes: 0 done, 1 some shard
+    failed (rerun to retry) or an output could not be written, 2 bad input (nothing written).
     """
     import dataclasses
 
     from hpcwalk.executors import ExecutorError
     from hpcwalk.models import ModelLoadError
-    from hpcwalk.store import StoreError, preflight
+    from hpcwalk.store import StoreError
     from hpcwalk.study import check_yardsticks, load_study, run_study
+    from hpcwalk.validate import prepare_render
 
     # 1. validate everything before any work
     executor = executor_options(ray, workers, gpus_per_worker, retries, shard_timeout)
+    level = _level(verify)
     if "://" in out:
         _fail(f"--out {out!r}: a study writes its report to a local folder; pass a local path")
     try:
@@ -341,20 +399,24 @@ def study(
         st = dataclasses.replace(st, job=st.job.with_overrides(model=model, device=device, dtype=dtype,
                                                                batch_size=batch_size, compile_mode=compile_mode,
                                                                attention=attention))
-        check_render_device(st.job, executor)  # with --ray, device, dtype and weights are checked on the workers
+        prepared = prepare_render(st.job, out, overwrite, executor)  # with --ray, device checks run on the workers
+        st, mode = dataclasses.replace(st, job=prepared.job), prepared.mode
         check_yardsticks(st)  # LPIPS weights (the analysis runs here), frame size for SSIM
-        mode = preflight(out, st.job, overwrite)
     except (JobError, StoreError, ModelLoadError, CompileError) as e:
         _fail(str(e))
+    except OSError as e:
+        _fail_io(e)
     s = st.spec
     typer.echo(f"hpcwalk study: {s.pairs} seed pairs x {len(s.prompts)} prompt(s) x {len(s.methods)} methods x "
                f"{s.frames} frames, model {st.job.model.id}, CLIP "
                f"{', '.join(f'{m}/{p}' for _, m, p in st.job.clip.models(st.job.model.id))} ({mode} run in {out})", err=True)
     # 2. render + score what is missing, then analyse
     try:
-        result = run_study(st, out, overwrite=overwrite, progress=progress, executor=executor)
+        result = run_study(st, out, overwrite=overwrite, progress=progress, executor=executor, verify=level)
     except (JobError, ModelLoadError, StoreError, ExecutorError) as e:
         _fail(str(e))
+    except OSError as e:
+        _fail_io(e, "the study's outputs")
     typer.echo(result.render.describe())
     if result.status == "failed":
         for r in result.render.failed:
@@ -382,18 +444,21 @@ def score(
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Frames per CLIP batch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Re-score every shard (otherwise a rerun scores only the rest)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    verify: VerifyOption = DEFAULT_LEVEL,
 ) -> None:
     """Re-score a run's frames with another CLIP model or against another text, without re-rendering: writes
     RUN_DIR/scores/MODEL__TAG[__prompt-HASH]/ (frame_id, score_prompt, clip_image, clip_score, clip_score_b),
-    keyed by frame id."""
+    keyed by frame id. Damaged frame shards are left out with a warning; exit 1 when a file cannot be written
+    (a full disk)."""
     from tqdm import tqdm
 
-    from hpcwalk.clip import BUILTIN_CLIP, check_clip
-    from hpcwalk.models import ModelLoadError, resolve_device, resolve_dtype
-    from hpcwalk.score import preflight_score, run_clip_model, score_run
+    from hpcwalk.models import ModelLoadError
+    from hpcwalk.score import run_clip_model, score_run
     from hpcwalk.store import StoreError
+    from hpcwalk.validate import check_score
 
     # 1. validate everything before any work
+    level = _level(verify)
     if clip_model is None:
         if pretrained is not None:
             _fail("--pretrained needs --clip-model (without both, the run's own CLIP model is used)")
@@ -401,28 +466,21 @@ def score(
             clip_model, pretrained = run_clip_model(run_dir)
         except StoreError as e:
             _fail(str(e))
-    if pretrained is None:
-        if clip_model not in BUILTIN_CLIP and not clip_model.startswith("local-dir:"):
-            _fail(f"--pretrained is needed for {clip_model!r}: an open_clip tag such as openai or "
-                  "laion2b_s32b_b79k, a weights file, or none")
-        pretrained = "none" if clip_model in BUILTIN_CLIP else ""
-    if batch_size < 1:
-        _fail(f"--batch-size must be >= 1, got {batch_size}")
     try:
-        dev = resolve_device(device)
-        dt = resolve_dtype(dtype, dev)
-        check_clip(clip_model, pretrained)
-        out = preflight_score(run_dir, clip_model, pretrained, overwrite, prompt)
-    except (ModelLoadError, StoreError) as e:
+        out, dev, dt, pretrained = check_score(run_dir, clip_model, pretrained, device, dtype, batch_size, overwrite,
+                                               prompt)
+    except (JobError, ModelLoadError, StoreError) as e:
         _fail(str(e))
     typer.echo(f"hpcwalk score: {run_dir} with {clip_model}/{pretrained} on {dev} -> {out}", err=True)
     # 2. score the shards not scored yet
     bar = tqdm(unit="frame", disable=not progress, dynamic_ncols=True, file=sys.stderr)
     try:
         summary = score_run(run_dir, clip_model, pretrained, dev, dt, batch_size, overwrite, progress=bar.update,
-                            prompt=prompt)
+                            prompt=prompt, verify=level)
     except (ModelLoadError, StoreError) as e:
         _fail(str(e))
+    except OSError as e:
+        _fail_io(e, "the scores")
     finally:
         bar.close()
     typer.echo(summary.describe())
@@ -460,11 +518,60 @@ def models(
         typer.echo("  ".join(str(v).ljust(w) for v, w in zip(r[:4], widths)) + "  " + why)
 
 
-def check_speed(job) -> None:
-    """The job's [compile] choices must run on its device; raises CompileError naming the fix."""
-    from hpcwalk.models import resolve_device
 
-    job.compile.check(resolve_device(job.render.device), job.sampling.scheduler, job.render.dtype)
+@app.command("verify")
+def verify_cmd(
+    run_dir: str = typer.Argument(..., help="A run folder written by `hpcwalk render` or `hpcwalk study`."),
+    repair: bool = typer.Option(False, "--repair", help="Remove every damaged shard (marker first, then its file) and "
+                                "every stray temporary file, so that the next render renders exactly those again."),
+    verify: VerifyOption = DEFAULT_LEVEL,
+) -> None:
+    """List each shard's state: ok, missing (marker without its Parquet file), truncated, size mismatch,
+    checksum mismatch, bad marker, file without marker, stray temp file. Exit 0 when every shard is ok
+    (or was repaired), 1 when something is damaged, 2 when RUN_DIR is not a run folder."""
+    from collections import Counter
+
+    from hpcwalk.runlock import RunLock, describe
+    from hpcwalk.store import StoreError, filesystem, read_run, verify_run
+    from hpcwalk.verify import repair as remove_damaged
+
+    # 1. validate: a run folder, and no render running in it when repairing
+    level = _level(verify)
+    lock = RunLock(run_dir)
+    try:
+        read_run(run_dir)
+        if repair:
+            lock.acquire()
+    except StoreError as e:
+        _fail(str(e))
+    try:
+        # 2. every shard against its marker
+        shards = verify_run(run_dir, level)
+        holder = None if repair else lock.live_holder()
+        if holder is not None:
+            typer.echo(f"note: {describe(holder)} is rendering into this folder: a file without marker or a temp "
+                       "file may be a shard being committed right now", err=True)
+        for c in shards.checks:
+            typer.echo(c.describe())
+        counts = Counter(c.state for c in shards.checks)
+        bad = [c for c in shards.checks if not c.ok]
+        typer.echo(f"{len(shards.ok)} of {len(shards.checks) - counts['stray temp file']} shards ok ({level})"
+                   + "".join(f", {n} {state}" for state, n in counts.items() if state != "ok"))
+        if not bad:
+            return
+        # 3. repair: remove what is bad; the next render renders exactly that
+        if repair:
+            removed = remove_damaged(filesystem(run_dir)[0], bad)
+            typer.echo(f"repaired: removed {len(removed)} files; rerun the render or study into {run_dir} to "
+                       f"render the {len(shards.damaged)} removed shards again")
+            return
+        typer.echo(f"damaged: run `hpcwalk verify {run_dir} --repair`, or rerun the render or study into {run_dir} "
+                   "(it renders damaged shards again)", err=True)
+        raise typer.Exit(1)
+    except OSError as e:
+        _fail_io(e, "the repair")
+    finally:
+        lock.release()
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})

@@ -78,6 +78,7 @@ class Renderer:
         self.latent_shape = (4, sampling.height // 8, sampling.width // 8)
         self._noise: dict[NoiseKey, torch.Tensor] = {}
         self._prompt: dict[str, torch.Tensor] = {}
+        self._tokens: dict[str, int] = {}
         make_scheduler(sampling.scheduler, components.scheduler_config)  # fail early on a bad config
         check_batch_memory(components, batch_size, sampling.height, sampling.width, sampling.guidance > 1.0)
         self.speed = prepare(compile or CompileConfig(), components, sampling.scheduler)  # hpcwalk/compile.py
@@ -109,6 +110,19 @@ class Renderer:
             ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
             self._prompt[prompt] = self.c.text_encoder(ids.to(self.device))[0][0].to(self.dtype)
         return self._prompt[prompt]
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """Tokens of the full prompt (start and end included); the encoder reads the first model_max_length."""
+        if prompt not in self._tokens:
+            self._tokens[prompt] = len(self.c.tokenizer(prompt, truncation=False, verbose=False).input_ids)
+        return self._tokens[prompt]
+
+    def token_columns(self, rows: Sequence[FrameRow]) -> dict[str, pa.Array]:
+        """prompt_tokens, prompt_b_tokens (int32; null where a row has no prompt_b): more than 77 means the
+        text encoder saw only the first 77 tokens of that prompt."""
+        return {"prompt_tokens": pa.array([self.prompt_tokens(r.prompt) for r in rows], pa.int32()),
+                "prompt_b_tokens": pa.array([None if r.prompt_b is None else self.prompt_tokens(r.prompt_b)
+                                             for r in rows], pa.int32())}
 
     def latents(self, rows: Sequence[FrameRow]) -> torch.Tensor:
         """z_T for each row, float32 (N, 4, h, w): consecutive rows of one operator are one batched call."""
@@ -271,6 +285,7 @@ class Renderer:
         latent_norm = torch.cat(norms).float().cpu().numpy() if norms else np.zeros(0, np.float32)
         extra = to_arrow(clip_cols) if clip_cols else {}
         extra.update(to_arrow(stat_cols))
+        extra.update(self.token_columns(rows))  # the prompt length per frame (truncation recorded, not silent)
         if redecoded:  # the NaN guard's record: True where the frame was decoded again in float32
             extra["vae_fp32_redecode"] = pa.array(torch.cat(redecoded).cpu().numpy(), pa.bool_())
         return RenderOutput(rows, out, latent_norm, {"render_s": time.perf_counter() - t0}, extra)

@@ -14,172 +14,37 @@ by whoever rendered it. Only `ShardResult`s (a few numbers) travel back to the d
 
 from __future__ import annotations
 
-import os
-import re
 import sys
 import time
+import warnings
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
-from hpcwalk.engine import Renderer, RenderOutput
+from hpcwalk.engine import Renderer
+from hpcwalk.executor_base import (  # noqa: F401  (re-exported: the shared pieces' public home is here too)
+    ADDRESS_RE,
+    RAY_DEFAULT,
+    EncodePool,
+    ExecutorError,
+    ExecutorOptions,
+    ProgressFn,
+    RenderedShard,
+    RendererFactory,
+    ShardResult,
+    check_ray_address,
+    commit_shard,
+    render_rows,
+    render_shard,
+)
 from hpcwalk.job import RenderJob, Shard
-from hpcwalk.store import ShardStore, committed_shards, encode_image, frames_table, run_metadata
-
-ProgressFn = Callable[[int], None]  # called with the number of frames just rendered
-RendererFactory = Callable[[RenderJob], Renderer]  # builds a worker's one Renderer (default Renderer.from_job)
-
-
-class ExecutorError(ValueError):
-    """Executor options or the cluster cannot run this job; the message names the fix."""
-
-
-@dataclass
-class ShardResult:
-    """What happened to one shard. `status` is committed or failed, never a silent None."""
-
-    shard: int
-    status: Literal["committed", "failed"]
-    rows: int
-    seconds: float
-    error: str = ""
-    worker: str = "local"
-    attempts: int = 1  # > 1 when a worker died mid-shard and the shard was retried
-    started_at: float = 0.0  # wall clock (time.time) when the worker began the shard
-
+from hpcwalk.runlock import RunLock
+from hpcwalk.store import DEFAULT_LEVEL, RunWarning, ShardStore, VerifyLevel, filesystem, run_metadata, verify_run
+from hpcwalk.verify import repair
 
 # ---------------------------------------------------------------------------------------------
-# 1. One shard: the function every executor calls
-# ---------------------------------------------------------------------------------------------
-
-
-def render_shard(renderer: Renderer, job: RenderJob, shard: Shard, store: ShardStore,
-                 progress: ProgressFn | None = None, worker: str = "local", pool: "EncodePool | None" = None
-                 ) -> ShardResult:
-    """Render one shard's rows, encode the images, commit the shard. Errors become a failed result."""
-    return commit_shard(render_rows(renderer, shard, progress), job, shard, store, pool, worker)
-
-
-@dataclass
-class RenderedShard:
-    """A shard's frames between rendering and commit, or the error that stopped its render."""
-
-    out: RenderOutput | None
-    device: str
-    started: float  # wall clock (time.time)
-    t0: float  # perf_counter at the start of the render
-    render_s: float
-    error: str = ""
-
-
-def render_rows(renderer: Renderer, shard: Shard, progress: ProgressFn | None = None) -> RenderedShard:
-    """The render half of `render_shard`: frames on the host, nothing written."""
-    started, t0 = time.time(), time.perf_counter()
-    try:
-        out = renderer.render(shard.rows, on_batch=progress)
-    except Exception as e:  # deterministic per shard: reported, not retried; the run goes on and ends non-zero
-        return RenderedShard(None, str(renderer.device), started, t0, time.perf_counter() - t0, f"{type(e).__name__}: {e}")
-    return RenderedShard(out, str(renderer.device), started, t0, time.perf_counter() - t0)
-
-
-def commit_shard(r: RenderedShard, job: RenderJob, shard: Shard, store: ShardStore,
-                 pool: "EncodePool | None" = None, worker: str = "local") -> ShardResult:
-    """The commit half of `render_shard`: encode the images (on `pool` if given), write, commit."""
-    try:
-        if r.out is None:
-            raise _RenderFailed(r.error)
-        t1 = time.perf_counter()
-        fmt = job.output.image_format
-        images = pool.encode(r.out.images, fmt) if pool else [encode_image(f, fmt) for f in r.out.images]
-        t2 = time.perf_counter()
-        table = frames_table(list(shard.rows), images, r.out.latent_norm, shard.index,
-                             job.sampling.height, job.sampling.width, extra=r.out.extra)
-        store.write(shard, table, {"render_s": r.render_s, "encode_s": t2 - t1}, device=r.device)
-    except Exception as e:  # deterministic per shard: reported, not retried; the run goes on and ends non-zero
-        error = str(e) if isinstance(e, _RenderFailed) else f"{type(e).__name__}: {e}"
-        return ShardResult(shard.index, "failed", len(shard.rows), time.perf_counter() - r.t0, error, worker,
-                           started_at=r.started)
-    return ShardResult(shard.index, "committed", len(shard.rows), time.perf_counter() - r.t0, worker=worker,
-                       started_at=r.started)
-
-
-class _RenderFailed(Exception):
-    """The render half failed; its message is already `Type: message`."""
-
-
-class EncodePool:
-    """Background threads that encode frames to PNG/WebP/JPEG (Pillow releases the GIL while compressing)."""
-
-    def __init__(self, workers: int | None = None):
-        self.workers = workers or max(1, min(8, os.cpu_count() or 1))
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="hpcwalk-encode")
-
-    def encode(self, frames: Sequence[Any], fmt: str = "png") -> list[bytes]:
-        """Encoded bytes of each uint8 (H, W, 3) frame, in order."""
-        return list(self._pool.map(partial(encode_image, fmt=fmt), frames))
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. Executor options: one place for --ray / --workers / --gpus-per-worker / --retries
-# ---------------------------------------------------------------------------------------------
-
-RAY_DEFAULT = "default"  # bare `--ray`: RAY_ADDRESS if set (as under `ray job submit`), else a new local instance
-ADDRESS_RE = re.compile(r"(ray://)?([A-Za-z0-9_.\-]+):(\d{1,5})")
-
-
-@dataclass(frozen=True)
-class ExecutorOptions:
-    """Where shards run: this process (`ray` None) or a Ray cluster, and how many workers of what size."""
-
-    ray: str | None = None  # None | "default" | "local" | "auto" | "HOST:PORT" | "ray://HOST:PORT"
-    workers: int | None = None  # None: one per GPU of the cluster (without GPUs: one CPU worker per node)
-    gpus_per_worker: float | None = None  # None: 1 on a cluster with GPUs
-    max_retries: int = 2  # re-runs of a shard whose worker died under it; then it is reported failed
-    start_timeout_s: float = 600.0  # how long workers may take to start and load the model
-    shard_timeout_s: float | None = None  # Ray: a shard running longer is treated as a hung worker (killed, retried)
-
-    def check(self) -> "ExecutorOptions":
-        """Validate every option before any work; raise ExecutorError with one line naming the fix."""
-        if self.ray is None:
-            if self.workers is not None or self.gpus_per_worker is not None:
-                raise ExecutorError("--workers and --gpus-per-worker need --ray (the local executor is one worker)")
-        else:
-            check_ray_address(self.ray)
-        if self.workers is not None and self.workers < 1:
-            raise ExecutorError(f"--workers must be >= 1, got {self.workers}")
-        g = self.gpus_per_worker
-        if g is not None and (g <= 0 or (g > 1 and g != int(g))):
-            raise ExecutorError(f"--gpus-per-worker must be a fraction in (0, 1] or a whole number, got {g:g}")
-        if self.max_retries < 0:
-            raise ExecutorError(f"--retries must be >= 0, got {self.max_retries}")
-        if self.shard_timeout_s is not None:
-            if self.ray is None:
-                raise ExecutorError("--shard-timeout needs --ray: a hung render in this process cannot be stopped "
-                                    "safely; run with --ray (a local Ray instance works) or drop --shard-timeout")
-            if not self.shard_timeout_s > 0:
-                raise ExecutorError(f"--shard-timeout must be > 0 seconds, got {self.shard_timeout_s:g}")
-        return self
-
-
-def check_ray_address(address: str) -> str:
-    """`default`, `local`, `auto`, `HOST:PORT` or `ray://HOST:PORT`; anything else raises ExecutorError."""
-    if address in (RAY_DEFAULT, "local", "auto"):
-        return address
-    m = ADDRESS_RE.fullmatch(address)
-    if not m or not 0 < int(m.group(3)) < 65536:
-        raise ExecutorError(
-            f"--ray {address!r} is not a Ray address: use auto, HOST:PORT of the head (port 6379 by default), "
-            "ray://HOST:10001, or --ray with no value (put it after the job file) for a local instance")
-    return address
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. Executors
+# 1. Executors (what they share, one shard's render and commit and the options, is in executor_base)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -278,7 +143,7 @@ def make_executor(options: ExecutorOptions | None = None, factory: RendererFacto
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. The run: summary, progress, entry point
+# 2. The run: summary, progress, entry point
 # ---------------------------------------------------------------------------------------------
 
 
@@ -295,6 +160,7 @@ class RunSummary:
     executor: str = "local"
     retries: int = 0
     worker_labels: dict[str, str] = field(default_factory=dict)
+    damaged: list[str] = field(default_factory=list)  # committed shards that failed verification: rendered again
 
     @property
     def failed(self) -> list[ShardResult]:
@@ -326,6 +192,8 @@ class RunSummary:
                 f"{self.render_s:.1f} s ({fps:.2f} frames/s), "
                 f"{'model load' if self.executor == 'local' else 'Ray start + model load'} {self.load_s:.1f} s")
         lines = [head]
+        if self.damaged:
+            lines.append(f"{len(self.damaged)} damaged shards were rendered again: {'; '.join(self.damaged)}")
         if self.results:
             lines.append(f"executor {self.executor}: {len(self.worker_lines())} workers, {self.retries} retries")
             lines += self.worker_lines()
@@ -360,30 +228,62 @@ class RunProgress:
 
 def run_render(job: RenderJob, out: str, shards: Sequence[Shard], overwrite: bool = False,
                progress: bool = True, executor: ExecutorOptions | None = None,
-               factory: RendererFactory | None = None) -> RunSummary:
-    """Render the shards of `job` not yet committed in `out`, locally or on Ray (`executor`)."""
+               factory: RendererFactory | None = None, verify: VerifyLevel = DEFAULT_LEVEL) -> RunSummary:
+    """Render the shards of `job` not yet committed in `out`, locally or on Ray (`executor`).
+
+    A committed shard counts only when it passes verification at level `verify` (quick: size, full:
+    sha256); one that does not is named (a RunWarning) and rendered again. One driver per folder: a
+    live driver's lock refuses this one (RunLocked); a stale lock is taken over with a RunWarning."""
     ex = make_executor(executor, factory)  # options are checked before anything else
-    # 1. what is left (a resumed run skips committed shards)
-    done = set() if overwrite else committed_shards(out)
-    todo = [s for s in shards if s.index not in done]
-    summary = RunSummary(out, already_committed=len(done & {s.index for s in shards}), total_shards=len(shards),
-                         executor=ex.name)
-    if not todo:
-        return summary
+    lock = RunLock(out)
     try:
-        # 2. load the model on every worker before writing anything, then open the store
-        t0 = time.perf_counter()
-        store = ShardStore(out, job, overwrite=overwrite, metadata=run_metadata(job, ex.start(job)))
-        summary.load_s = time.perf_counter() - t0
-        # 3. render, one bar for the whole run
-        bar = RunProgress(sum(len(s.rows) for s in todo), ex, enabled=progress)
-        t1 = time.perf_counter()
+        # 1. one driver per run folder: an existing folder is locked first (a new one once it is created)
+        if lock.folder_exists():
+            lock.acquire()
+        # 2. what is left: committed shards verified against their markers; damaged ones render again
+        todo, summary = _left_to_render(out, shards, overwrite, verify, ex.name, lock.held)
+        if not todo:
+            return summary
         try:
-            summary.results = ex.run(job, todo, store, progress=bar.frames, on_result=bar.shard_done)
+            # 3. load the model on every worker before writing anything, then lock a new folder, open the store
+            t0 = time.perf_counter()
+            scheduler_config = ex.start(job)
+            if not lock.held:
+                lock.acquire(create=True)
+            store = ShardStore(out, job, overwrite=overwrite, metadata=run_metadata(job, scheduler_config))
+            summary.load_s = time.perf_counter() - t0
+            # 4. render, one bar for the whole run
+            bar = RunProgress(sum(len(s.rows) for s in todo), ex, enabled=progress)
+            t1 = time.perf_counter()
+            try:
+                summary.results = ex.run(job, todo, store, progress=bar.frames, on_result=bar.shard_done)
+            finally:
+                bar.close()
+            summary.render_s = time.perf_counter() - t1
+            summary.retries, summary.worker_labels = ex.retries, ex.worker_labels()
         finally:
-            bar.close()
-        summary.render_s = time.perf_counter() - t1
-        summary.retries, summary.worker_labels = ex.retries, ex.worker_labels()
+            ex.close()
     finally:
-        ex.close()
+        lock.release()
     return summary
+
+
+def _left_to_render(out: str, shards: Sequence[Shard], overwrite: bool, verify: VerifyLevel, executor: str,
+                    locked: bool) -> tuple[list[Shard], RunSummary]:
+    """The shards to render (all with overwrite; else those not committed or not passing verification).
+    Holding the lock, stray temporary files are a killed writer's leftovers: they are removed."""
+    planned = {s.index for s in shards}
+    done: set[int] = set()
+    damaged: list[str] = []
+    if not overwrite:
+        checked = verify_run(out, verify)
+        done = checked.indices & planned
+        for c in checked.damaged:
+            if c.index in planned and c.marker is not None:  # it was committed once: say so
+                damaged.append(c.describe())
+                warnings.warn(RunWarning(f"{c.describe()}: rendering it again"), stacklevel=3)
+        if locked:
+            repair(filesystem(out)[0], [c for c in checked.checks if c.state == "stray temp file"])
+    todo = [s for s in shards if s.index not in done]
+    return todo, RunSummary(out, already_committed=len(done), total_shards=len(shards), executor=executor,
+                            damaged=damaged)

@@ -26,6 +26,10 @@ from PIL import Image
 from hpcwalk.colors import color
 from hpcwalk.runindex import RunIndex, evenly_spaced, iter_images
 
+# Text that comes from data (prompts, walk and model names) is drawn as written: never mathtext ($...$)
+# nor LaTeX, whatever the user's matplotlibrc says.
+DATA_TEXT = {"parse_math": False, "usetex": False}
+
 
 class FigureError(ValueError):
     """A figure cannot be drawn for this walk; the message says why."""
@@ -46,13 +50,13 @@ def contact_sheet(images: Sequence[np.ndarray], captions: Sequence[str], title: 
     cols = cols or min(n, max(1, math.ceil(math.sqrt(n))))
     rows = math.ceil(n / cols)
     fig = Figure(figsize=(2.1 * cols, 2.4 * rows + 0.4), layout="constrained")
-    fig.suptitle(title)
+    fig.suptitle(title, **DATA_TEXT)
     axes = fig.subplots(rows, cols, squeeze=False)
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k < n:
             ax.imshow(images[k], interpolation="nearest")
-            ax.set_title(textwrap.fill(captions[k], 26), fontsize=8)
+            ax.set_title(textwrap.fill(captions[k], 26), fontsize=8, **DATA_TEXT)
     return _save(fig, path)
 
 
@@ -156,14 +160,20 @@ def norm_figure(index: RunIndex, walk: str, path: str) -> dict[str, tuple[np.nda
     ax.plot(xs, np.sqrt(local * (2 * local - 2) + 1), "--", color="0.4", lw=1,
             label="sqrt(γ(2γ−2)+1): linear, iid N(0, I) ends")
     ax.axhline(1.0, color="0.7", lw=0.8)
-    ax.set(xlabel="gamma" if segments == 1 else "segment + gamma", ylabel="‖z_T‖ / sqrt(numel)",
-           title=f"{walk}: latent norm along the walk")
+    ax.set(xlabel="gamma" if segments == 1 else "segment + gamma", ylabel="‖z_T‖ / sqrt(numel)")
+    ax.set_title(f"{walk}: latent norm along the walk", **DATA_TEXT)
     ax.legend(fontsize=8, loc="lower left")
     _save(fig, path)
     return series
 
 
 def _save(fig: Figure, path: str) -> str:
+    """The figure as PNG at `path`, via a temporary name (a failed write, a full disk, leaves none)."""
+    from hpcwalk.store import filesystem, write_atomic
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    fs, where = filesystem(path)
+    write_atomic(fs, where, buf.getvalue())
     return path

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from hpcwalk import validate
 from hpcwalk.compile import CompileConfig
+from hpcwalk.validate import JobError  # noqa: F401  (defined beside the bounds; importable from here as before)
 
 METHODS = ("linear", "normalized", "slerp")  # latent interpolation (hpcwalk.interp implements them)
 TEXT_METHODS = ("linear", "slerp")  # text-embedding interpolation
@@ -30,10 +32,6 @@ MIX_LAYOUTS = ("end-left", "end-right")  # the two readings of the study's C (hp
 DTYPES = ("float32", "float16", "bfloat16")
 IMAGE_FORMATS = ("png", "webp", "jpeg")
 SCHEDULERS = ("dpmsolver++", "ddim", "euler", "pndm", "unipc", "heun")
-
-
-class JobError(ValueError):
-    """A job file or override is invalid; the message names the field and the fix."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +197,7 @@ class RenderJob:
         if o:
             raise JobError(f"unknown override(s): {', '.join(o)}")
         model = _build(ModelSpec, raw["model"], "[model]")
+        validate.check_model(model.id, model.revision)
         render = _build(RenderSettings, raw["render"], "[render]")
         output = _build(OutputSpec, raw["output"], "[output]")
         _check_render(render, output)
@@ -234,12 +233,28 @@ _WALK_REQUIRED: dict[str, set[str]] = {
 def read_toml(path: str | Path, what: str, example: str) -> dict[str, Any]:
     """A TOML file as a dict; a missing file or malformed TOML raises JobError naming the fix."""
     path = Path(path)
+    if path.is_dir():
+        raise JobError(f"{what} file {str(path)!r} is a folder: pass the path of a {what} TOML file (see {example})")
     if not path.is_file():
         raise JobError(f"{what} file {str(path)!r} not found: pass the path of a {what} TOML (see {example})")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        if path.stat().st_size > validate.MAX_JOB_FILE_BYTES:
+            raise JobError(f"{what} file {str(path)!r} is {path.stat().st_size:,} bytes: a {what} file must be at "
+                           f"most {validate.MAX_JOB_FILE_BYTES:,} bytes")
+        data = path.read_bytes()
+    except OSError as e:
+        raise JobError(f"{what} file {str(path)!r} cannot be read ({e.strerror or e}): check its permissions") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise JobError(f"{what} file {str(path)!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): "
+                       "save it as UTF-8") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise JobError(f"{path}: malformed TOML: {e}") from None
+        raise JobError(f"{path}: malformed TOML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise JobError(f"{path}: malformed TOML: arrays or tables nested too deeply") from None
 
 
 def load_job(path: str | Path) -> RenderJob:
@@ -249,6 +264,8 @@ def load_job(path: str | Path) -> RenderJob:
 
 def parse_job(data: dict[str, Any], source: str = "<dict>") -> RenderJob:
     """Validate a TOML-shaped dict into a RenderJob."""
+    if not isinstance(data, dict):
+        raise JobError(f"a job must be a table of tables, got {type(data).__name__}")
     _check_keys(data, set(_TABLES) | {"walk"}, "the top level")
     parts: dict[str, Any] = {}
     for key, cls in _TABLES.items():
@@ -259,6 +276,7 @@ def parse_job(data: dict[str, Any], source: str = "<dict>") -> RenderJob:
     _check_sampling(parts["sampling"])
     _check_render(parts["render"], parts["output"])
     _check_compile(parts["compile"], parts["sampling"], parts["render"].dtype)
+    validate.check_model(parts["model"].id, parts["model"].revision)
     parts["clip"].models(parts["model"].id)  # raises JobError on an incomplete [clip] table
     walks_raw = data.get("walk", [])
     if not isinstance(walks_raw, list) or not walks_raw:
@@ -268,7 +286,9 @@ def parse_job(data: dict[str, Any], source: str = "<dict>") -> RenderJob:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise JobError(f"walk name(s) {dup} used more than once: give each [[walk]] a unique name")
-    return RenderJob(walks=walks, source=source, **parts)
+    job = RenderJob(walks=walks, source=source, **parts)
+    validate.check_plan_size(plan_size(job), len(walks))  # before anything builds the plan
+    return job
 
 
 def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
@@ -299,25 +319,13 @@ def _build(cls: type, table: dict[str, Any], where: str) -> Any:
 def _check_sampling(s: Sampling) -> None:
     if s.scheduler not in SCHEDULERS:
         raise JobError(_choice_msg("[sampling] scheduler", s.scheduler, SCHEDULERS))
-    if s.steps < 1:
-        raise JobError(f"[sampling] steps must be >= 1, got {s.steps}")
-    if s.guidance < 0:
-        raise JobError(f"[sampling] guidance must be >= 0, got {s.guidance}")
-    for name in ("height", "width"):
-        v = getattr(s, name)
-        if v < 8 or v % 8:
-            raise JobError(f"[sampling] {name} must be a positive multiple of 8 (the VAE downsamples by 8), got {v}")
+    validate.check_sampling(s)  # steps, guidance, height, width, negative_prompt
 
 
 def _check_render(r: RenderSettings, o: OutputSpec) -> None:
     if r.dtype not in DTYPES:
         raise JobError(_choice_msg("[render] dtype", r.dtype, DTYPES))
-    if r.batch_size < 1:
-        raise JobError(f"[render] batch_size must be >= 1, got {r.batch_size}")
-    if not (r.device in ("auto", "cpu", "cuda") or r.device.startswith("cuda:")):
-        raise JobError(f"[render] device must be auto, cpu, cuda or cuda:N, got {r.device!r}")
-    if o.shard_size < 1:
-        raise JobError(f"[output] shard_size must be >= 1, got {o.shard_size}")
+    validate.check_render(r.batch_size, r.device, o.shard_size)
     if o.image_format not in IMAGE_FORMATS:
         raise JobError(_choice_msg("[output] image_format", o.image_format, IMAGE_FORMATS))
 
@@ -338,10 +346,12 @@ def _choice_msg(where: str, got: Any, choices: Sequence[str]) -> str:
 def _parse_seed(v: Any, where: str) -> NoiseKey:
     """A seed is an int, or "S:K" for the K-th latent drawn from one generator seeded S."""
     if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        validate.check_seed(v, 0, where)
         return NoiseKey(v)
     if isinstance(v, str):
         s, _, k = v.partition(":")
-        if s.isdigit() and (k.isdigit() or not k):
+        if s.isascii() and s.isdigit() and (k.isascii() and k.isdigit() or not k) and len(v) <= 40:
+            validate.check_seed(int(s), int(k or 0), where)
             return NoiseKey(int(s), int(k or 0))
     raise JobError(f"{where} seeds: {v!r} is not a seed; use a non-negative int or 'SEED:DRAW' like '1:1'")
 
@@ -385,6 +395,8 @@ def _parse_walk(raw: Any, i: int, sampling: Sampling) -> Walk:
         for m in body["methods"]:
             if m not in valid_methods:
                 raise JobError(_choice_msg(f"{where} methods", m, valid_methods))
+        if len(set(body["methods"])) != len(body["methods"]) or not body["methods"]:
+            raise JobError(f"{where} methods must be a non-empty list of distinct methods, got {list(body['methods'])}")
     try:
         walk = Walk(name=name, kind=kind, **body)
     except TypeError as e:  # pragma: no cover - keys were checked above
@@ -411,12 +423,7 @@ def _check_walk(w: Walk, where: str, s: Sampling) -> None:
         raise JobError(f"{where}: a text walk needs at least 2 prompts (keyframes), got {n_prompts}")
     if w.kind == "prompts" and n_prompts < 1:
         raise JobError(f"{where}: a prompts walk needs at least 1 prompt")
-    if w.kind in ("latent", "text", "std") and w.frames < 2:
-        raise JobError(f"{where}: frames must be >= 2 (both ends are frames), got {w.frames}")
-    if w.kind in ("translate", "mix") and not 1 <= w.stride <= s.width // 8:
-        raise JobError(f"{where}: stride must be in 1..{s.width // 8} (the latent width), got {w.stride}")
-    if w.kind == "std" and not 0 <= w.std_min <= w.std_max:
-        raise JobError(f"{where}: need 0 <= std_min <= std_max, got {w.std_min}, {w.std_max}")
+    validate.check_walk(w, where, s.width // 8)  # frames, stride, std range, names and prompts
     if w.score_prompts and len(w.score_prompts) != n_prompts:
         raise JobError(f"{where}: score_prompts needs one text per prompt ({n_prompts}), got {len(w.score_prompts)}")
     if w.score_prompt and w.score_prompts:
@@ -507,6 +514,21 @@ def plan(job: RenderJob) -> FramePlan:
     for w in job.walks:
         rows.extend(_plan_walk(w, job.latent_hw[1]))
     return rows
+
+
+def plan_size(job: RenderJob) -> int:
+    """The number of rows `plan(job)` returns, counted without building them."""
+    return sum(_walk_size(w, job.latent_hw[1]) for w in job.walks)
+
+
+def _walk_size(w: Walk, latent_w: int) -> int:
+    if w.kind == "latent":
+        return len(w.methods) * ((len(w.seeds) - 1) * (w.frames - 1) + 1)
+    if w.kind == "text":
+        return len(w.methods) * ((len(w.prompts) - 1) * (w.frames - 1) + 1)
+    if w.kind in ("translate", "mix"):
+        return len(range(0, latent_w, w.stride)) + 1
+    return w.frames if w.kind == "std" else len(w.prompts)
 
 
 def _segments(frames: int, keyframes: int, gammas: Sequence[float] = ()) -> list[tuple[int, float]]:

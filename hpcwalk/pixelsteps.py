@@ -31,6 +31,7 @@ from hpcwalk.models import ModelLoadError
 LPIPS_NETS = ("auto", "alex", "vgg", "alex-random", "none")
 RANDOM_LPIPS = ("alex-random",)
 SSIM_WINDOW, SSIM_SIGMA, K1, K2 = 11, 1.5, 0.01, 0.03
+LPIPS_MIN_SIZE = {"alex": 31, "alex-random": 31, "vgg": 16}  # smaller frames leave no pixel after the backbone's pooling (measured)
 
 
 class LpipsLoadError(ModelLoadError):
@@ -77,8 +78,10 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def resolve_lpips(net: str, sd_model: str) -> str:
     """`auto` -> alex-random for the built-in random SD models, alex otherwise."""
+    from hpcwalk.models import BUILTIN_MODELS
+
     if net == "auto":
-        return "alex-random" if sd_model in ("tiny", "sd14-random") else "alex"
+        return "alex-random" if sd_model in BUILTIN_MODELS else "alex"
     return net
 
 
@@ -142,15 +145,19 @@ class Steps:
     lpips_step: np.ndarray | None  # (N,) or None without LPIPS
 
 
-def _consecutive(files: list[str], fs) -> Iterator[tuple[tuple[str, str, int], np.ndarray, np.ndarray]]:
+def _consecutive(uri: str, files: list[str]) -> Iterator[tuple[tuple[str, str, int], np.ndarray, np.ndarray]]:
     """(key of frame i, frame i-1, frame i) for consecutive frames of one (walk, method), in file order."""
-    import pyarrow.parquet as pq
     from PIL import Image
+
+    from hpcwalk.store import read_shard
 
     prev: tuple[str, str, int] | None = None
     prev_img: np.ndarray | None = None
     for f in files:
-        t = pq.read_table(f, columns=["walk", "method", "index", "image"], filesystem=fs)
+        t = read_shard(uri, f, ["walk", "method", "index", "image"])
+        if t is None:  # unreadable after all: left out with a warning (its walks are incomplete)
+            prev = None
+            continue
         walks, methods = t["walk"].to_pylist(), t["method"].to_pylist()
         idx, images = t["index"].to_pylist(), t["image"]
         for k in range(t.num_rows):
@@ -161,12 +168,11 @@ def _consecutive(files: list[str], fs) -> Iterator[tuple[tuple[str, str, int], n
             prev, prev_img = key, img
 
 
-def run_steps(uri: str, lpips_model: torch.nn.Module | None = None, device: str | torch.device = "cpu",
-              batch_size: int = 16, progress: Callable[[int], None] | None = None) -> Steps:
-    """SSIM (and LPIPS) steps between consecutive frames of every walk of a run's committed shards."""
-    from hpcwalk.store import committed_files, filesystem
-
-    fs, _ = filesystem(uri)
+def run_steps(uri: str, files: list[str], lpips_model: torch.nn.Module | None = None,
+              device: str | torch.device = "cpu", batch_size: int = 16,
+              progress: Callable[[int], None] | None = None) -> Steps:
+    """SSIM (and LPIPS) steps between consecutive frames of every walk in a run's verified shard `files`
+    (store.verify_run(...).files, in shard order)."""
     keys: list[tuple[str, str, int]] = []
     ss: list[torch.Tensor] = []
     lp: list[torch.Tensor] = []
@@ -182,7 +188,7 @@ def run_steps(uri: str, lpips_model: torch.nn.Module | None = None, device: str 
             progress(len(batch))
         batch.clear()
 
-    for key, a, b in _consecutive(committed_files(uri), fs):
+    for key, a, b in _consecutive(uri, files):
         keys.append(key)
         batch.append((a, b))
         if len(batch) == batch_size:

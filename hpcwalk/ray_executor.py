@@ -32,7 +32,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from hpcwalk.executors import (
+from hpcwalk.executor_base import (
     ADDRESS_RE,
     RAY_DEFAULT,
     EncodePool,
@@ -45,6 +45,7 @@ from hpcwalk.executors import (
 )
 from hpcwalk.job import RenderJob, Shard
 from hpcwalk.store import ShardStore, run_metadata
+from hpcwalk.validate import check_worker
 
 # ---------------------------------------------------------------------------------------------
 # 1. Sizing the pool (pure: tested without Ray)
@@ -138,6 +139,7 @@ class RenderWorker:
         self.pool = EncodePool(int(num_cpus) if num_cpus else None)
         error = ""
         try:
+            check_worker(job)  # device, dtype, [compile], CLIP weights, memory: here, where the frames render
             self.renderer = factory(job)
         except Exception as e:  # reported by ready(); the driver stops before writing anything
             error = f"{type(e).__name__}: {e}"

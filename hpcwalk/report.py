@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from hpcwalk.colors import color as _color
+DATA_TEXT = {"parse_math": False, "usetex": False}  # model names are data: never mathtext ($...$) or LaTeX
 
 
 def _figure(ncols: int, figsize: tuple[float, float]):
@@ -45,7 +45,7 @@ def fig_interp_score(summary: dict[str, Any], walks: pa.Table):
                         fmt="o", color="black", capsize=6, ms=6)
         ax.set_xticks(range(len(summary["interp_score"][p])), list(summary["interp_score"][p]))
         ax.set_ylabel("InterpScore")
-        ax.set_title(f"{summary['clip_models'].get(p, p)}", fontsize=9)
+        ax.set_title(f"{summary['clip_models'].get(p, p)}", fontsize=9, **DATA_TEXT)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
@@ -65,7 +65,7 @@ def fig_paired(summary: dict[str, Any]):
         ax.axvline(0, color="gray", lw=1, ls="--")
         ax.set_yticks(range(len(items)), [k for k, _ in items])
         ax.set_xlabel("difference in InterpScore")
-        ax.set_title(f"{summary['clip_models'].get(p, p)}", fontsize=9)
+        ax.set_title(f"{summary['clip_models'].get(p, p)}", fontsize=9, **DATA_TEXT)
         ax.invert_yaxis()
     fig.tight_layout()
     return fig
@@ -88,7 +88,7 @@ def fig_score_curves(summary: dict[str, Any]):
     fig, axes = _figure(len(prefixes), (5 * len(prefixes), 3.6))
     for ax, p in zip(axes[0], prefixes):
         _curve_panel(ax, summary["score_curves"][p], "CLIPScore")
-        ax.set_title(f"{summary['clip_models'].get(p, p)}", fontsize=9)
+        ax.set_title(f"{summary['clip_models'].get(p, p)}", fontsize=9, **DATA_TEXT)
     fig.tight_layout()
     return fig
 
@@ -112,7 +112,7 @@ def fig_smoothness(summary: dict[str, Any]):
     p = next(iter(summary["step_curves"]))
     fig, axes = _figure(4, (14, 3.4))
     _curve_panel(axes[0][0], summary["step_curves"][p], "1 - cos(frame i, frame i+1)")
-    axes[0][0].set_title(f"step size along the walk ({summary['clip_models'].get(p, p)})", fontsize=9)
+    axes[0][0].set_title(f"step size along the walk ({summary['clip_models'].get(p, p)})", fontsize=9, **DATA_TEXT)
     sm = summary["smoothness"][p]
     for ax, (key, label) in zip(axes[0][1:], (("path_length", "path length (sum of steps)"),
                                               ("max_step", "largest step"), ("step_cv", "step CV = std / mean"))):
@@ -248,6 +248,15 @@ def _warnings_html(summary: dict[str, Any]) -> str:
             + "".join(f"<li>{html.escape(w)}</li>" for w in items) + "</ul></div>")
 
 
+def _left_out(summary: dict[str, Any]) -> str:
+    n = summary.get("pairs_left_out", 0)
+    if not n:
+        return ""
+    return (f"<p><strong>{summary['n_units']} of {summary['study']['pairs']} seed pairs analysed:</strong> {n} left "
+            "out because some walk of theirs was incomplete (not rendered, or a damaged shard); rerun the study to "
+            "render them.</p>\n")
+
+
 def render_html(summary: dict[str, Any], figures: dict[str, bytes]) -> str:
     """A self-contained page: settings, tables, figures as base64 PNG."""
     st = summary["study"]
@@ -275,7 +284,7 @@ table.yardsticks td, table.yardsticks th {{ white-space: normal; font-size: .9em
 {_warnings_html(summary)}
 <p>{st['pairs']} seed pairs &times; {len(st['methods'])} methods ({', '.join(st['methods'])}) &times;
 {st['frames']} frames; prompts (generation &rarr; scoring):</p><ul>{prompts}</ul>
-<p>Model {html.escape(summary['model'])}, {summary['steps']} steps, {summary['size'][0]}&times;{summary['size'][1]};
+{_left_out(summary)}<p>Model {html.escape(summary['model'])}, {summary['steps']} steps, {summary['size'][0]}&times;{summary['size'][1]};
 seed pair i interpolates seed first_seed + i ({st['first_seed']} + i), draw 0 to draw 1.
 Intervals: {100 * st['confidence']:g}% percentile bootstrap ({st['bootstrap']} resamples) over
 {html.escape(summary['unit'])}. Job fingerprint {summary['job_fingerprint']}.</p>
@@ -290,16 +299,17 @@ def write_report(out: str, summary: dict[str, Any], walks: pa.Table) -> list[str
     import matplotlib
 
     matplotlib.use("Agg")
+    from hpcwalk.store import filesystem, write_atomic
+
     root = Path(out)
     (root / "figures").mkdir(parents=True, exist_ok=True)
+    fs, where = filesystem(out)
     pngs: dict[str, bytes] = {}
     for name, (fn, needs_walks, _) in FIGURES.items():
         fig = fn(summary, walks) if needs_walks else fn(summary)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110)
         pngs[name] = buf.getvalue()
-        (root / "figures" / f"{name}.png").write_bytes(pngs[name])
-    tmp = root / ".report.html.tmp"
-    tmp.write_text(render_html(summary, pngs), encoding="utf-8")
-    os.replace(tmp, root / "report.html")
+        write_atomic(fs, f"{where}/figures/{name}.png", pngs[name])  # temporary name; none left when it fails
+    write_atomic(fs, f"{where}/report.html", render_html(summary, pngs).encode("utf-8"))
     return [str(root / "report.html")] + [str(root / "figures" / f"{k}.png") for k in pngs]

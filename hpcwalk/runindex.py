@@ -1,7 +1,7 @@
 """What a run folder holds: its committed frames (without images), what its job planned, what is missing.
 
 Readers of a run (video, viewer, figures) start here. `open_run(uri)` reads the small columns of every
-committed shard into one table and compares it with the frames the run's job plans, so a partially
+verified shard (hpcwalk/verify.py; a damaged shard is left out with a warning) into one table and compares it with the frames the run's job plans, so a partially
 rendered run is usable and says what it lacks. `iter_images` then streams one track's images in index
 order, holding at most one shard's image column at a time.
 """
@@ -18,7 +18,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hpcwalk.job import FrameRow, NoiseKey, OutputSpec, RenderJob, Sampling, Walk, plan, shard
-from hpcwalk.store import StoreError, filesystem, committed_files, committed_shards, read_run
+from hpcwalk.store import (
+    DEFAULT_LEVEL,
+    StoreError,
+    VerifyLevel,
+    damage_message,
+    filesystem,
+    read_run,
+    read_shard,
+    verify_run,
+)
 
 SCORE_COLUMN = re.compile(r"clip\d*_score")  # float columns clip_score*, clip2_score*: CLIP scores
 
@@ -121,23 +130,25 @@ class RunIndex:
         return rows.column("kind")[0].as_py()
 
 
-def open_run(uri: str) -> RunIndex:
-    """Index a run folder: small columns of every committed shard, and the gaps against its plan."""
-    # 1. the run and its committed shards
+def open_run(uri: str, level: VerifyLevel = DEFAULT_LEVEL) -> RunIndex:
+    """Index a run folder: small columns of every verified shard, and the gaps against its plan."""
+    # 1. the run and its shards, verified against their markers (damaged ones left out, with a warning)
     run = read_run(uri)
-    files = committed_files(uri)
+    shards = verify_run(uri, level)
+    shards.warn()
     fs, _ = filesystem(uri)
     # 2. small columns only (no images, no embeddings), with each row's file and row number
-    parts = []
-    for k, f in enumerate(files):
-        schema = pq.read_schema(f, filesystem=fs)
-        cols = [x.name for x in schema if not (pa.types.is_binary(x.type) or pa.types.is_large_binary(x.type)
-                                               or pa.types.is_list(x.type) or pa.types.is_fixed_size_list(x.type))]
-        t = pq.read_table(f, columns=cols, filesystem=fs)
-        t = t.append_column("_file", pa.array([k] * t.num_rows, pa.int32()))
+    parts, files, committed = [], [], set()
+    for c in shards.ok:
+        t = _small_columns(uri, c.parquet, fs)
+        if t is None:
+            continue
+        t = t.append_column("_file", pa.array([len(files)] * t.num_rows, pa.int32()))
         parts.append(t.append_column("_row", pa.array(range(t.num_rows), pa.int32())))
+        files.append(c.parquet)
+        committed.add(c.index)
     if not parts:
-        raise StoreError(f"{uri!r} has no committed shards yet: render into it first")
+        raise StoreError(f"{uri!r} has no committed shards that pass verification yet: render into it first")
     table = pa.concat_tables(parts, promote_options="default")
     # 3. what the job planned, and which of its shards are not committed
     job, note = _job_from_run(run)
@@ -150,8 +161,19 @@ def open_run(uri: str) -> RunIndex:
             idx.planned.setdefault(r.walk, {}).setdefault(r.method, []).append(r.index)
         expected = {s.index for s in shard(rows, job.output.shard_size)}
         idx.total_shards = len(expected)
-        idx.missing_shards = sorted(expected - committed_shards(uri))
+        idx.missing_shards = sorted(expected - committed)
     return idx
+
+
+def _small_columns(uri: str, path: str, fs) -> pa.Table | None:
+    """The columns of one shard without images or embeddings (None, with a warning, when unreadable)."""
+    try:
+        schema = pq.read_schema(path, filesystem=fs)
+    except (pa.ArrowException, OSError):
+        return read_shard(uri, path, [])  # warns with the reason
+    cols = [x.name for x in schema if not (pa.types.is_binary(x.type) or pa.types.is_large_binary(x.type)
+                                           or pa.types.is_list(x.type) or pa.types.is_fixed_size_list(x.type))]
+    return read_shard(uri, path, cols)
 
 
 def iter_images(index: RunIndex, track: Track) -> Iterator[tuple[int, bytes]]:
@@ -165,7 +187,11 @@ def iter_images(index: RunIndex, track: Track) -> Iterator[tuple[int, bytes]]:
         j = i
         while j < len(files) and files[j] == files[i]:
             j += 1
-        images = pq.read_table(index.files[files[i]], columns=["image"], filesystem=fs).column("image")
+        try:
+            images = pq.read_table(index.files[files[i]], columns=["image"], filesystem=fs).column("image")
+        except (pa.ArrowException, OSError) as e:  # changed since open_run verified it
+            name = index.files[files[i]].rpartition("/")[2]
+            raise StoreError(damage_message(index.uri, f"{name}: unreadable ({type(e).__name__})", "stopped")) from None
         picked = images.take(pa.array(rows[i:j]))
         del images
         for k in range(j - i):

@@ -14,7 +14,8 @@ prompt; runs written before that column existed: `prompt`), or, with `prompt=TEX
 `clip_score_b` (text walks) stays against the row's end scoring text `score_prompt_b`.
 
 Join on frame_id (DuckDB: `... FROM 'RUN/frames/*.parquet' JOIN 'RUN/scores/X/data/*.parquet' USING (frame_id)`).
-A rerun scores only shards without a commit marker.
+Frames shards are read only when they pass verification (a damaged one is left out with a warning); a
+rerun scores only shards whose score marker is missing or does not match its file.
 """
 
 from __future__ import annotations
@@ -34,7 +35,17 @@ import pyarrow.parquet as pq
 import torch
 
 from hpcwalk.clip import ClipScorer, load_clip, to_arrow
-from hpcwalk.store import StoreError, filesystem, committed_files, read_run
+from hpcwalk.store import (
+    DEFAULT_LEVEL,
+    StoreError,
+    VerifyLevel,
+    check_shards,
+    filesystem,
+    read_run,
+    read_shard,
+    verify_run,
+    write_atomic,
+)
 
 SCORES_DIR = "scores"
 
@@ -60,9 +71,12 @@ class ScoreSummary:
 
 def score_dir(run: str, model: str, pretrained: str, prompt: str | None = None) -> str:
     """Where a run's scores for one CLIP model (and one scoring text, when given) live; safe on every filesystem."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model}__{pretrained}").strip("_")
+    name = f"{model}__{pretrained}"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
+    if len(slug) > 100:  # a long local-dir: path or weights file: its end kept, distinct by a hash of the whole
+        slug = f"{slug[-80:].lstrip('._')}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
     if prompt is not None:
-        slug += "__prompt-" + hashlib.sha256(prompt.encode()).hexdigest()[:10]
+        slug += "__prompt-" + hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()[:10]
     return f"{run.rstrip('/')}/{SCORES_DIR}/{slug}"
 
 
@@ -83,7 +97,7 @@ def run_clip_model(run: str) -> tuple[str, str]:
 def preflight_score(run: str, model: str, pretrained: str, overwrite: bool = False, prompt: str | None = None) -> str:
     """Check the run and the score folder before any work; returns the score folder."""
     info = read_run(run)  # StoreError when RUN is not a run folder
-    if not committed_files(run):
+    if not verify_run(run, "quick").ok:  # present and of the right size; score_run verifies at its level
         raise StoreError(f"{run!r} has no committed shards: render into it first")
     if prompt is not None and not prompt.strip():
         raise StoreError("--prompt is empty: give the text to score against, e.g. --prompt \"A high resolution "
@@ -101,40 +115,48 @@ def preflight_score(run: str, model: str, pretrained: str, overwrite: bool = Fal
 
 def score_run(run: str, model: str, pretrained: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
               batch_size: int = 32, overwrite: bool = False, progress: Callable[[int], None] | None = None,
-              prompt: str | None = None) -> ScoreSummary:
+              prompt: str | None = None, verify: VerifyLevel = DEFAULT_LEVEL) -> ScoreSummary:
     """Embed and score every committed frame of `run` with one CLIP model (against each row's scoring text,
     or `prompt` for every frame) into the sibling dataset."""
     # 1. validate the run and the output, then load the model (ClipLoadError names the fix)
     out = preflight_score(run, model, pretrained, overwrite, prompt)
     scorer = load_clip(model, pretrained, device, dtype)
     fs, root = filesystem(out)
-    run_fs, _ = filesystem(run)
     if overwrite and fs.get_file_info(root).type == pafs.FileType.Directory:
         fs.delete_dir_contents(root)
     for sub in ("data", "commits"):
         fs.create_dir(f"{root}/{sub}", recursive=True)
     fingerprint = read_run(run).get("job_fingerprint")
-    _write_atomic(fs, f"{root}/score.json", json.dumps(
+    write_atomic(fs, f"{root}/score.json", json.dumps(
         {"clip_model": scorer.name, "run": run, "run_fingerprint": fingerprint, "prompt": prompt}, indent=2).encode())
-    # 2. score the frames shards without a score commit
-    done = {i.base_name[: -len(".done.json")] for i in fs.get_file_info(
-        pafs.FileSelector(f"{root}/commits", allow_not_found=True)) if i.base_name.endswith(".done.json")}
+    # 2. score the verified frames shards whose score shard is not committed (or does not match its marker)
+    done = {c.name for c in check_shards(fs, root, verify, data_dir="data") if c.ok}
+    frames_shards = verify_run(run, verify)
+    frames_shards.warn()
+    run_fs, _ = filesystem(run)
     summary = ScoreSummary(out, scorer.name)
     t0 = time.perf_counter()
-    for path in committed_files(run):
+    for path in frames_shards.files:
         name = path.rpartition("/")[2][: -len(".parquet")]
         if name in done:
             summary.already_committed += 1
             continue
-        names = pq.read_schema(path, filesystem=run_fs).names
+        try:
+            names = pq.read_schema(path, filesystem=run_fs).names
+        except (pa.ArrowException, OSError):  # read_shard below says so
+            names = []
         cols = ["frame_id", "prompt", "prompt_b", "image"] + [c for c in ("score_prompt", "score_prompt_b") if c in names]
-        table = score_table(scorer, pq.read_table(path, columns=cols, filesystem=run_fs), batch_size, progress, prompt)
+        frames = read_shard(run, path, cols)
+        if frames is None:  # unreadable after all: left out with a warning
+            continue
+        table = score_table(scorer, frames, batch_size, progress, prompt)
         table = table.replace_schema_metadata({"clip_model": scorer.name, "run_fingerprint": str(fingerprint)})
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        _write_atomic(fs, f"{root}/data/{name}.parquet", buf.getvalue())
-        _write_atomic(fs, f"{root}/commits/{name}.done.json", json.dumps(
-            {"rows": table.num_rows, "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}).encode())
+        data = buf.getvalue()
+        write_atomic(fs, f"{root}/data/{name}.parquet", data)
+        write_atomic(fs, f"{root}/commits/{name}.done.json", json.dumps(
+            {"rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}).encode())
         summary.shards_scored += 1
         summary.frames += table.num_rows
         summary.files.append(f"{root}/data/{name}.parquet")
@@ -160,11 +182,3 @@ def score_table(scorer: ClipScorer, frames: pa.Table, batch_size: int = 32,
         if progress:
             progress(j - i)
     return pa.table({"frame_id": frames["frame_id"], "score_prompt": pa.array(prompts, pa.string()), **to_arrow(parts)})
-
-
-def _write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    head, _, tail = path.rpartition("/")
-    tmp = f"{head}/.{tail}.tmp"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, path)

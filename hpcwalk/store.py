@@ -8,8 +8,10 @@ Layout of a run folder (a local path or any `pyarrow.fs` URI such as s3://bucket
 
 frames/ holds only Parquet, so pyarrow.dataset, DuckDB and Polars read it as it is.
 
-A shard counts only once its marker exists; readers read committed shards only, and a rerun renders
-only uncommitted shards. A folder holding another job's fingerprint is refused without overwrite.
+A shard counts only once its marker exists and the Parquet file matches it (hpcwalk/verify.py: size,
+and at the `full` level the sha256); readers read verified shards only and leave the others out with a
+warning, and a rerun renders every shard that is not verified. A folder holding another job's
+fingerprint is refused without overwrite.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import io
 import json
 import os
 import platform
+import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -31,9 +35,16 @@ import pyarrow.parquet as pq
 
 import hpcwalk
 from hpcwalk.job import FrameRow, RenderJob, Shard
-
-FRAMES_DIR = "frames"
-COMMITS_DIR = "commits"
+from hpcwalk.verify import (  # noqa: F401  (FRAMES_DIR, COMMITS_DIR: the layout's names, importable from here)
+    COMMITS_DIR,
+    DEFAULT_LEVEL,
+    FRAMES_DIR,
+    LOCK_NAME,
+    RunWarning,
+    ShardCheck,
+    VerifyLevel,
+    check_shards,
+)
 
 
 class StoreError(RuntimeError):
@@ -164,8 +175,8 @@ def preflight(uri: str, job: RenderJob, overwrite: bool = False) -> Literal["new
                     "choose another --out, or pass --overwrite to replace it"
                 )
             return "resume"
-        if fs.get_file_info(pafs.FileSelector(root)):
-            # never delete a folder we did not write, even with --overwrite
+        if [i for i in fs.get_file_info(pafs.FileSelector(root)) if not i.base_name.startswith(LOCK_NAME)]:
+            # never delete a folder we did not write, even with --overwrite (a lock alone is ours)
             raise StoreError(f"output {uri!r} exists, is not empty and is not an hpcwalk run: choose a new --out")
     if isinstance(fs, pafs.LocalFileSystem):
         anc = root
@@ -220,8 +231,11 @@ class ShardStore:
     # -- 1. open: validate the folder before any work -------------------------------------------
 
     def _open(self, overwrite: bool) -> None:
-        if preflight(self.uri, self.job, overwrite) == "replace":
-            self.fs.delete_dir_contents(self.root)
+        if preflight(self.uri, self.job, overwrite) == "replace":  # everything but the driver's lock
+            for i in self.fs.get_file_info(pafs.FileSelector(self.root)):
+                if i.base_name == LOCK_NAME:
+                    continue
+                (self.fs.delete_dir if i.type == pafs.FileType.Directory else self.fs.delete_file)(i.path)
         try:
             self.fs.create_dir(self.frames, recursive=True)
             self.fs.create_dir(self.commits, recursive=True)
@@ -243,11 +257,7 @@ class ShardStore:
         overwrites only its own leftover, and a killed attempt leaves at most one hidden file that
         readers (pyarrow.dataset, DuckDB/Polars globs on *.parquet) skip.
         """
-        head, _, tail = path.rpartition("/")
-        tmp = f"{head}/.{tail}.tmp"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, path)
+        write_atomic(self.fs, path, data)
 
     # -- 2. resume ----------------------------------------------------------------------------
 
@@ -278,9 +288,90 @@ class ShardStore:
         """Nothing is buffered: every write is committed when `write` returns."""
 
 
+def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """`data` to the hidden `.NAME.tmp` beside `path`, then renamed into place; a failed write (a full
+    disk) removes the temporary file and raises the OSError."""
+    head, _, tail = path.rpartition("/")
+    tmp = f"{head}/.{tail}.tmp"
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    except BaseException as e:
+        try:
+            fs.delete_file(tmp)
+        except OSError:  # never created, or the folder itself is gone
+            pass
+        if isinstance(e, OSError):
+            raise target_error(e, path) from e
+        raise
+
+
+def target_error(e: OSError, path: str) -> OSError:
+    """The OSError of a failed write, naming the file meant (not its temporary name) and the plain reason."""
+    return OSError(e.errno, os.strerror(e.errno) if e.errno else str(e), path)
+
+
 # ---------------------------------------------------------------------------------------------
-# Readers
+# Readers: verified shards only (hpcwalk/verify.py); a damaged shard is left out with a warning
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunShards:
+    """A run's shards as verified against their markers at one level."""
+
+    uri: str
+    level: VerifyLevel
+    checks: list[ShardCheck]
+
+    @property
+    def ok(self) -> list[ShardCheck]:
+        return [c for c in self.checks if c.ok]
+
+    @property
+    def damaged(self) -> list[ShardCheck]:
+        """Shards that are not committed as they should be (stray temporary files are not shards)."""
+        return [c for c in self.checks if not c.ok and c.state != "stray temp file"]
+
+    @property
+    def indices(self) -> set[int]:
+        return {c.index for c in self.ok if c.index is not None}
+
+    @property
+    def files(self) -> list[str]:
+        return [c.parquet for c in self.ok if c.parquet]
+
+    def warn(self, action: str = "left out") -> None:
+        """One RunWarning per damaged shard that had a marker, naming it and the repair."""
+        for c in self.damaged:
+            if c.marker is not None:
+                warnings.warn(RunWarning(damage_message(self.uri, c.describe(), action)), stacklevel=3)
+
+
+def damage_message(uri: str, what: str, action: str = "left out") -> str:
+    """'shard-00003: truncated (...): left out; repair: ...' (one line)."""
+    return (f"{what}: {action}; repair: rerun the render or study into {uri} (it renders damaged "
+            f"shards again), or remove them now with `hpcwalk verify {uri} --repair`")
+
+
+def verify_run(uri: str, level: VerifyLevel = DEFAULT_LEVEL) -> RunShards:
+    """Check every shard of a run against its marker (`quick`: present and size; `full`: also sha256)."""
+    fs, root = filesystem(uri)
+    return RunShards(uri, level, check_shards(fs, root, level))
+
+
+def read_shard(uri: str, path: str, columns: list[str] | None = None) -> pa.Table | None:
+    """One verified shard's table, or None (with a RunWarning) when it cannot be parsed after all."""
+    fs, _ = filesystem(uri)
+    try:
+        return pq.read_table(path, columns=columns, filesystem=fs)
+    except (pa.ArrowException, OSError) as e:  # damaged in a way the chosen level does not see
+        name = path.rpartition("/")[2][: -len(".parquet")]
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        warnings.warn(RunWarning(damage_message(uri, f"{name}: unreadable ({type(e).__name__}: {first})")),
+                      stacklevel=3)
+        return None
 
 
 def committed_shards(uri: str) -> set[int]:
@@ -291,25 +382,38 @@ def committed_shards(uri: str) -> set[int]:
             if i.base_name.startswith("shard-") and i.base_name.endswith(".done.json")}
 
 
-def committed_files(uri: str) -> list[str]:
-    """Paths of committed shard files of a run, in shard order."""
-    fs, root = filesystem(uri)
-    def names(d: str) -> set[str]:
-        return {i.base_name for i in fs.get_file_info(pafs.FileSelector(f"{root}/{d}", allow_not_found=True))}
-
-    frames = names(FRAMES_DIR)
-    return sorted(f"{root}/{FRAMES_DIR}/{n[:-10]}.parquet" for n in names(COMMITS_DIR)
-                  if n.endswith(".done.json") and f"{n[:-10]}.parquet" in frames)
+def committed_files(uri: str, level: VerifyLevel = DEFAULT_LEVEL) -> list[str]:
+    """Paths of a run's verified shard files, in shard order; each damaged shard is left out with a RunWarning."""
+    shards = verify_run(uri, level)
+    shards.warn()
+    return shards.files
 
 
-def read_frames(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """All committed frames of a run as one Arrow table (uncommitted files are ignored)."""
-    fs, _ = filesystem(uri)
-    files = committed_files(uri)
-    if not files:
-        raise StoreError(f"{uri!r} has no committed shards: render into it first")
-    return pa.concat_tables([pq.read_table(f, columns=columns, filesystem=fs) for f in files],
-                            promote_options="default")
+def read_frames(uri: str, columns: list[str] | None = None, level: VerifyLevel = DEFAULT_LEVEL) -> pa.Table:
+    """All verified frames of a run as one Arrow table; uncommitted files are ignored and damaged shards
+    left out, each with a RunWarning naming it and the repair."""
+    shards = verify_run(uri, level)
+    shards.warn()
+    return read_verified(shards, columns)
+
+
+def read_verified(shards: RunShards, columns: list[str] | None = None) -> pa.Table:
+    """The verified shards' frames as one table (StoreError when none is left)."""
+    tables = [t for t in (read_shard(shards.uri, f, columns) for f in shards.files) if t is not None]
+    if not tables:
+        raise StoreError(f"{shards.uri!r} has no committed shards that pass verification: render into it first")
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def shard_columns(shards: RunShards) -> list[str]:
+    """Column names of the first readable verified shard ([] when none is)."""
+    fs, _ = filesystem(shards.uri)
+    for f in shards.files:
+        try:
+            return pq.read_schema(f, filesystem=fs).names
+        except (pa.ArrowException, OSError):  # read_verified warns about it
+            continue
+    return []
 
 
 def read_run(uri: str) -> dict[str, Any]:
@@ -320,3 +424,13 @@ def read_run(uri: str) -> dict[str, Any]:
             return json.loads(f.read())
     except FileNotFoundError:
         raise StoreError(f"{uri!r} is not an hpcwalk run folder (no run.json)") from None
+
+
+def safe_filename(name: str, max_chars: int = 80) -> str:
+    """A file name for `name` that every filesystem takes: letters, digits, `.`, `_`, `-` kept, the rest
+    `_`, at most `max_chars`, never hidden; when anything changed, `-` and 8 hex digits of its sha256 are
+    added, so distinct names stay distinct. The data keeps the name itself."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:max_chars].lstrip(".") or "walk"
+    if safe == name:
+        return safe
+    return f"{safe}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hpcwalk import metrics, yardsticks
+from hpcwalk import metrics, validate, yardsticks
 from hpcwalk.job import METHODS
 from hpcwalk.job import JobError, RenderJob, parse_gammas, parse_job, plan, read_toml
 
@@ -96,6 +98,9 @@ def parse_study(data: dict[str, Any], source: str = "<dict>") -> Study:
     if not isinstance(raw, dict):
         raise JobError("the study file has no [study] table: add one (see examples/study.toml)")
     spec = _parse_spec(raw)
+    # the plan's size from the counts, before a walk table exists (10**9 pairs must not build 10**9 dicts)
+    validate.check_plan_size(spec.pairs * len(spec.prompts) * len(spec.methods) * spec.frames,
+                             spec.pairs * len(spec.prompts), "the study")
     clip = data.get("clip", {})
     if isinstance(clip, dict) and clip.get("enabled", True) is False:
         raise JobError("[clip] enabled = false: a study needs CLIP scores; remove the line")
@@ -138,6 +143,11 @@ def _parse_spec(raw: dict[str, Any]) -> StudySpec:
         if not isinstance(v, int) or isinstance(v, bool) or v < low:
             raise JobError(f"[study] {key} must be an int >= {low}, got {v!r}")
         vals[key] = v
+    for k, p in enumerate(prompts):
+        validate.check_text(f"[study] prompts[{k}]", p, validate.MAX_PROMPT_CHARS, nul=True)
+    validate.bounded("[study] bootstrap", vals["bootstrap"], None, validate.MAX_BOOTSTRAP, "resamples")
+    validate.bounded("[study] first_seed + pairs", vals["first_seed"] + vals["pairs"], None, validate.SEED_LIMIT,
+                     "seeds are int64")
     conf = raw.get("confidence", metrics.CONFIDENCE)
     if not isinstance(conf, float) or not 0.5 <= conf < 1:
         raise JobError(f"[study] confidence must be a float in [0.5, 1), got {conf!r}")
@@ -189,7 +199,9 @@ def clip_prefixes(table: pa.Table) -> list[str]:
 
 def walk_table(study: Study, frames: pa.Table, steps: Any = None) -> pa.Table:
     """study.parquet: one row per (seed pair, prompt, method) with InterpScore, smoothness, latent norm,
-    sharpness and (given `steps`, a pixelsteps.Steps) the SSIM / LPIPS steps between consecutive frames."""
+    sharpness and (given `steps`, a pixelsteps.Steps) the SSIM / LPIPS steps between consecutive frames,
+    for the seed pairs whose walks are all complete. A pair with an incomplete walk (a shard not rendered
+    or left out as damaged) is left out whole, so the methods stay paired; `analysed_pairs` tells which."""
     spec = study.spec
     prefixes = clip_prefixes(frames)
     if not prefixes:
@@ -206,10 +218,10 @@ def walk_table(study: Study, frames: pa.Table, steps: Any = None) -> pa.Table:
     for name, pair, k in spec.units():
         for m in spec.methods:
             if (name, m) not in starts:
-                raise JobError(f"walk {name}/{m} has no committed frames: rerun the study to finish rendering")
+                continue  # no committed frames
             sl = slice(starts[(name, m)], starts[(name, m)] + spec.frames)
             if len(walk[sl]) != spec.frames or (walk[sl] != name).any() or (method[sl] != m).any():
-                raise JobError(f"walk {name}/{m} is incomplete: rerun the study to finish rendering")
+                continue  # incomplete
             seed = spec.first_seed + pair
             row = {"walk": name, "pair": pair, "prompt_index": k, "prompt": spec.prompts[k],
                    "score_prompt": spec.scoring(k), "method": m,
@@ -224,6 +236,10 @@ def walk_table(study: Study, frames: pa.Table, steps: Any = None) -> pa.Table:
             for key, vals in step_of(name, m, spec.frames).items():
                 row.update({f"{key}_mean": float(vals.mean()), f"{key}_max": float(vals.max())})
             rows.append(row)
+    walks_per_pair = Counter(r["pair"] for r in rows)
+    rows = [r for r in rows if walks_per_pair[r["pair"]] == len(spec.prompts) * len(spec.methods)]
+    if not rows:
+        raise JobError("no seed pair has all its walks complete: rerun the study to finish rendering")
     return pa.Table.from_pylist(rows)
 
 
@@ -244,6 +260,11 @@ def _step_lookup(steps: Any):
     return get
 
 
+def analysed_pairs(walks: pa.Table) -> list[int]:
+    """The seed pairs a walk table covers (those with every walk complete), in order."""
+    return sorted(set(walks["pair"].to_pylist()))
+
+
 def _embeddings(col: pa.ChunkedArray) -> np.ndarray:
     """fixed_size_list<float16|float32>[D] column -> (N, D) in its stored dtype (metrics cast per walk,
     so a large study holds the column once, not a float64 copy)."""
@@ -252,20 +273,24 @@ def _embeddings(col: pa.ChunkedArray) -> np.ndarray:
 
 
 def _per_pair(walks: pa.Table, spec: StudySpec, column: str) -> dict[str, np.ndarray]:
-    """method -> (pairs,) values of a walk column, averaged over prompts (the bootstrap unit is the pair)."""
+    """method -> (pairs,) values of a walk column over the analysed pairs, averaged over prompts (the
+    bootstrap unit is the pair)."""
+    pos = {p: i for i, p in enumerate(analysed_pairs(walks))}
     out = {}
     for m in spec.methods:
         sub = walks.filter(pc.equal(walks["method"], m))
-        vals = np.zeros(spec.pairs)
-        np.add.at(vals, sub["pair"].to_numpy(), sub[column].to_numpy())
+        vals = np.zeros(len(pos))
+        np.add.at(vals, [pos[p] for p in sub["pair"].to_pylist()], sub[column].to_numpy())
         out[m] = vals / len(spec.prompts)
     return out
 
 
-def _curves(frames: pa.Table, spec: StudySpec, column: str, steps: bool = False) -> dict[str, np.ndarray]:
-    """method -> (pairs, n) values along gamma (or (pairs, n - 1) step distances), averaged over prompts;
-    `frames` sorted by `_sorted` and complete (checked by `walk_table`)."""
-    pair_of = {name: pair for name, pair, _ in spec.units()}
+def _curves(frames: pa.Table, spec: StudySpec, column: str, pairs: list[int], steps: bool = False
+            ) -> dict[str, np.ndarray]:
+    """method -> (pairs, n) values along gamma (or (pairs, n - 1) step distances) over the analysed
+    `pairs`, averaged over prompts; `frames` sorted by `_sorted` and holding only those pairs' walks."""
+    pos = {p: i for i, p in enumerate(pairs)}
+    pair_of = {name: pos[pair] for name, pair, _ in spec.units() if pair in pos}
     out = {}
     for m in spec.methods:
         sub = frames.filter(pc.equal(frames["method"], m))
@@ -273,7 +298,7 @@ def _curves(frames: pa.Table, spec: StudySpec, column: str, steps: bool = False)
         vals = _embeddings(sub[column]) if steps else sub[column].to_numpy()
         vals = vals.reshape(len(walks), spec.frames, -1)
         y = np.stack([metrics.step_distances(v) for v in vals]) if steps else vals[..., 0]
-        acc = np.zeros((spec.pairs, y.shape[1]))
+        acc = np.zeros((len(pairs), y.shape[1]))
         np.add.at(acc, [pair_of[w] for w in walks], y)
         out[m] = acc / len(spec.prompts)
     return out
@@ -287,7 +312,8 @@ def summarize(study: Study, frames: pa.Table, walks: pa.Table, clip_models: dict
     spec = study.spec
     boot = dict(n_boot=spec.bootstrap, confidence=spec.confidence)
     gamma = spec.gamma()
-    frames = _sorted(frames)
+    pairs = analysed_pairs(walks)
+    frames = _sorted(frames.filter(pc.is_in(frames["walk"], walks["walk"].unique())))  # the analysed walks only
     prefixes = clip_prefixes(frames)
 
     def intervals(column: str) -> dict[str, dict[str, float]]:  # method -> CI of the per-pair means
@@ -297,7 +323,9 @@ def summarize(study: Study, frames: pa.Table, walks: pa.Table, clip_models: dict
         "study": asdict(spec), "job_fingerprint": study.job.fingerprint(), "model": study.job.model.id,
         "steps": study.job.sampling.steps, "size": [study.job.sampling.height, study.job.sampling.width],
         "clip_models": {p: clip_models.get(f"{p}_model", "") for p in prefixes},
-        "unit": "seed pair (values averaged over prompts first)", "n_units": spec.pairs,
+        "unit": "seed pair (values averaged over prompts first)", "n_units": len(pairs),
+        "pairs_left_out": spec.pairs - len(pairs),
+        "left_out_pairs": sorted(set(range(spec.pairs)) - set(pairs))[:1000],
         "interp_score": {}, "paired_differences": {}, "score_curves": {}, "smoothness": {}, "step_curves": {},
         "per_prompt": {},
     }
@@ -308,38 +336,40 @@ def summarize(study: Study, frames: pa.Table, walks: pa.Table, clip_models: dict
         out["paired_differences"][p] = {
             f"{a} - {b}": metrics.paired_difference(per[a], per[b], **boot).as_dict()
             for i, a in enumerate(spec.methods) for b in spec.methods[i + 1:]}
-        out["score_curves"][p] = _curve_dict(_curves(frames, spec, f"{p}_score"), gamma, boot)
+        out["score_curves"][p] = _curve_dict(_curves(frames, spec, f"{p}_score", pairs), gamma, boot)
         by_key = {key: intervals(f"{key}{tag}") for key in SMOOTHNESS}
         out["smoothness"][p] = {m: {key: by_key[key][m] for key in SMOOTHNESS} for m in spec.methods}
         out["step_curves"][p] = _curve_dict(
-            _curves(frames, spec, f"{p}_image", steps=True), (gamma[1:] + gamma[:-1]) / 2, boot)
+            _curves(frames, spec, f"{p}_image", pairs, steps=True), (gamma[1:] + gamma[:-1]) / 2, boot)
         if len(spec.prompts) > 1:  # each prompt on its own, over the seed pairs
             out["per_prompt"][p] = {prompt: {m: metrics.bootstrap_ci(_select(walks, k, m)[f"interp_score{tag}"].to_numpy(),
                                                                      **boot).as_dict() for m in spec.methods}
                                     for k, prompt in enumerate(spec.prompts)}
     norms = {key: intervals(f"latent_norm_{key}") for key in ("min", "mean")}
     out["latent_norm"] = {m: {key: norms[key][m] for key in norms} for m in spec.methods}
-    out["latent_norm_curves"] = _curve_dict(_curves(frames, spec, "latent_norm"), gamma, boot)
+    out["latent_norm_curves"] = _curve_dict(_curves(frames, spec, "latent_norm", pairs), gamma, boot)
     out["latent_norm_linear_theory"] = {"gamma": gamma.tolist(), "ratio": metrics.linear_norm_ratio(gamma).tolist()}
     if "sharpness" in frames.column_names:
-        out["sharpness_curves"] = _curve_dict(_curves(frames, spec, "sharpness"), gamma, boot)
+        out["sharpness_curves"] = _curve_dict(_curves(frames, spec, "sharpness", pairs), gamma, boot)
     if steps is not None:
         mid = (gamma[1:] + gamma[:-1]) / 2
         for key in ("ssim_step", "lpips_step"):
             if getattr(steps, key) is not None:
-                out[f"{key}_curves"] = _curve_dict(_step_curves(steps, spec, key), mid, boot)
+                out[f"{key}_curves"] = _curve_dict(_step_curves(steps, spec, key, pairs), mid, boot)
     _yardsticks(out, study, frames, walks, clip_models)
     return out
 
 
-def _step_curves(steps: Any, spec: StudySpec, key: str) -> dict[str, np.ndarray]:
-    """method -> (pairs, n - 1) pixel steps along the walk, averaged over prompts."""
+def _step_curves(steps: Any, spec: StudySpec, key: str, pairs: list[int]) -> dict[str, np.ndarray]:
+    """method -> (pairs, n - 1) pixel steps along the walk over the analysed `pairs`, averaged over prompts."""
     get = _step_lookup(steps)
+    pos = {p: i for i, p in enumerate(pairs)}
     out = {}
     for m in spec.methods:
-        acc = np.zeros((spec.pairs, spec.frames - 1))
+        acc = np.zeros((len(pairs), spec.frames - 1))
         for name, pair, _ in spec.units():
-            acc[pair] += get(name, m, spec.frames)[key]
+            if pair in pos:
+                acc[pos[pair]] += get(name, m, spec.frames)[key]
         out[m] = acc / len(spec.prompts)
     return out
 
@@ -360,11 +390,13 @@ def _yardsticks(out: dict[str, Any], study: Study, frames: pa.Table, walks: pa.T
     walk, method = frames["walk"].to_numpy(zero_copy_only=False), frames["method"].to_numpy(zero_copy_only=False)
     starts = {(w, m): i for i, (w, m) in enumerate(zip(walk, method)) if i == 0 or (walk[i - 1], method[i - 1]) != (w, m)}
 
-    def rows(m: str, idx: np.ndarray) -> np.ndarray:  # (P, prompts * len(idx)) row numbers
-        return np.array([np.concatenate([starts[(spec.walk_name(p, k), m)] + idx for k in range(len(spec.prompts))])
-                         for p in range(spec.pairs)])
+    pairs = analysed_pairs(walks)
 
-    weights = metrics.bootstrap_weights(spec.pairs, min(n_boot, yardsticks.KID_BOOT), seed=1)
+    def rows(m: str, idx: np.ndarray) -> np.ndarray:  # (P, prompts * len(idx)) row numbers, the analysed pairs
+        return np.array([np.concatenate([starts[(spec.walk_name(p, k), m)] + idx for k in range(len(spec.prompts))])
+                         for p in pairs])
+
+    weights = metrics.bootstrap_weights(len(pairs), min(n_boot, yardsticks.KID_BOOT), seed=1)
     out["kid"] = {}
     encoder = meta.get("encoder_model", "")
     for prefix, label in (("clip", "CLIP"), ("encoder", encoder)):
@@ -379,8 +411,8 @@ def _yardsticks(out: dict[str, Any], study: Study, frames: pa.Table, walks: pa.T
                     "agreement": yardsticks.agreement(clip_pairs, res["per_pair"], "lower", n_boot, conf)}
     out["yardsticks"] = ys
     lpips = meta.get("lpips", "none")
-    out["answer"] = yardsticks.answer(ys, spec.pairs, conf)
-    out["warnings"] = yardsticks.warning_lines(spec.pairs, out, meta, lpips)
+    out["answer"] = yardsticks.answer(ys, len(pairs), conf)
+    out["warnings"] = yardsticks.warning_lines(len(pairs), out, meta, lpips)
     out["random_weights"] = yardsticks.random_models(meta, lpips)
 
 
@@ -413,49 +445,72 @@ class StudyResult:
     status: str
     render: Any  # executors.RunSummary
     files: list[str]
+    pairs_left_out: int = 0  # seed pairs not analysed: some walk of theirs incomplete
 
 
-def run_study(study: Study, out: str, overwrite: bool = False, progress: bool = True, executor: Any = None
-              ) -> StudyResult:
+def run_study(study: Study, out: str, overwrite: bool = False, progress: bool = True, executor: Any = None,
+              verify: str = "full") -> StudyResult:
     """Render the study's frames through the executors (resuming; `executor`: executors.ExecutorOptions,
-    None renders in this process), then write the analysis."""
+    None renders in this process), then write the analysis of the seed pairs whose walks are complete."""
     from hpcwalk.executors import run_render
     from hpcwalk.job import shard
-    from hpcwalk.report import write_report
-    from hpcwalk.store import read_frames
 
-    # 1. render and score what is not committed yet (same path as `hpcwalk render`)
+    # 1. render and score what is not committed yet, or damaged (same path as `hpcwalk render`)
     shards = shard(plan(study.job), study.job.output.shard_size)
-    summary = run_render(study.job, out, shards, overwrite=overwrite, progress=progress, executor=executor)
+    summary = run_render(study.job, out, shards, overwrite=overwrite, progress=progress, executor=executor,
+                         verify=verify)  # type: ignore[arg-type]
     if summary.failed:
         return StudyResult("failed", summary, [])
-    # 2. read the committed frames (no image bytes) and reduce to one row per walk
-    cols = [n for n in _frame_columns(out) if n != "image"]
-    frames = read_frames(out, columns=cols)
+    # 2. the analysis of what is committed and verified
+    files, left_out = analyse(study, out, verify, progress)
+    return StudyResult("done", summary, files, left_out)
+
+
+def analyse(study: Study, out: str, verify: str = "full", progress: bool = True) -> tuple[list[str], int]:
+    """Read a study folder's verified frames (no images), reduce them to one row per walk of the seed pairs
+    with every walk complete, write the three outputs; returns (files written, seed pairs left out)."""
+    from hpcwalk.report import write_report
+    from hpcwalk.store import RunWarning, read_verified, shard_columns, verify_run
+
+    # 1. the verified frames, without image bytes (damaged shards left out, each with a warning)
+    shards = verify_run(out, verify)  # type: ignore[arg-type]
+    shards.warn()
+    frames = read_verified(shards, [n for n in shard_columns(shards) if n != "image"] or None)
     meta = {k.decode(): v.decode() for k, v in (frames.schema.metadata or {}).items()}
-    # 3. pixel and perceptual steps between consecutive frames (images read back, one shard at a time)
-    steps = _pixel_steps(study, out, progress)
+    # 2. pixel and perceptual steps between consecutive frames (images read back, one shard at a time)
+    steps = _pixel_steps(study, out, shards.files, progress)
     meta["lpips"] = resolve_lpips(study.spec.lpips, study.job.model.id)
+    # 3. one row per walk of the complete pairs; say how many pairs are left out
     walks = walk_table(study, frames, steps)
+    left_out = study.spec.pairs - len(analysed_pairs(walks))
+    if left_out:
+        warnings.warn(RunWarning(f"analysed {study.spec.pairs - left_out} of {study.spec.pairs} seed pairs: "
+                                 f"{left_out} left out with incomplete walks (rerun the study to render them)"),
+                      stacklevel=2)
     # 4. the summary, the table, the report
     summary_json = summarize(study, frames, walks, meta, steps)
     files = write_outputs(out, walks, summary_json)
     files += write_report(out, summary_json, walks)
-    return StudyResult("done", summary, files)
+    return files, left_out
 
 
 def check_yardsticks(study: Study) -> None:
-    """What can fail in the analysis, checked before any work: LPIPS weights, frame size for SSIM."""
-    from hpcwalk.pixelsteps import SSIM_WINDOW, check_lpips
+    """What can fail in the analysis, checked before any work: LPIPS weights, frame size for SSIM and LPIPS."""
+    from hpcwalk.pixelsteps import LPIPS_MIN_SIZE, SSIM_WINDOW, check_lpips
 
-    check_lpips(resolve_lpips(study.spec.lpips, study.job.model.id))
+    net = resolve_lpips(study.spec.lpips, study.job.model.id)
+    check_lpips(net)
     s = study.job.sampling
     if min(s.height, s.width) < SSIM_WINDOW:
         raise JobError(f"[sampling] height and width must be >= {SSIM_WINDOW} in a study (the SSIM window), "
                        f"got {s.height}x{s.width}")
+    if min(s.height, s.width) < LPIPS_MIN_SIZE.get(net, 0):
+        raise JobError(f"[sampling] height and width must be >= {LPIPS_MIN_SIZE[net]} for [study] lpips = {net!r} "
+                       f"(its backbone pools smaller frames away), got {s.height}x{s.width}: render larger frames "
+                       "or set lpips = \"none\"")
 
 
-def _pixel_steps(study: Study, out: str, progress: bool) -> Any:
+def _pixel_steps(study: Study, out: str, files: list[str], progress: bool) -> Any:
     """SSIM and LPIPS steps of every walk, on the render device (pixelsteps.run_steps)."""
     import sys
 
@@ -470,7 +525,7 @@ def _pixel_steps(study: Study, out: str, progress: bool) -> Any:
     model = load_lpips(net, device) if net != "none" else None
     total = len(study.spec.units()) * len(study.spec.methods) * (study.spec.frames - 1)
     with tqdm(total=total, unit="step", desc="pixel steps", disable=not progress, file=sys.stderr) as bar:
-        return run_steps(out, model, device, study.job.render.batch_size, progress=bar.update)
+        return run_steps(out, files, model, device, study.job.render.batch_size, progress=bar.update)
 
 
 def resolve_lpips(net: str, sd_model: str) -> str:
@@ -479,25 +534,19 @@ def resolve_lpips(net: str, sd_model: str) -> str:
     return resolve(net, sd_model)
 
 
-def _frame_columns(out: str) -> list[str]:
-    import pyarrow.parquet as pq
-
-    from hpcwalk.store import committed_files
-
-    return pq.read_schema(committed_files(out)[0]).names
-
 
 def write_outputs(out: str, walks: pa.Table, summary: dict[str, Any]) -> list[str]:
-    """study.parquet and study.json, each written to a temporary name and renamed."""
-    import os
+    """study.parquet and study.json, each written to a temporary name and renamed (no temporary file is
+    left when a write fails)."""
+    import io
 
     import pyarrow.parquet as pq
 
-    root = Path(out)
-    tmp = root / ".study.parquet.tmp"
-    pq.write_table(walks, tmp)
-    os.replace(tmp, root / "study.parquet")
-    tmp = root / ".study.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, root / "study.json")
-    return [str(root / "study.parquet"), str(root / "study.json")]
+    from hpcwalk.store import filesystem, write_atomic
+
+    fs, root = filesystem(out)
+    buf = io.BytesIO()
+    pq.write_table(walks, buf)
+    write_atomic(fs, f"{root}/study.parquet", buf.getvalue())
+    write_atomic(fs, f"{root}/study.json", json.dumps(summary, indent=2).encode())
+    return [f"{root}/study.parquet", f"{root}/study.json"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import time
+import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -21,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from hpcwalk.runindex import RunIndex, Track, iter_images, param_text
+from hpcwalk.store import safe_filename, target_error
 
 
 class VideoError(ValueError):
@@ -123,10 +125,11 @@ def select_tracks(index: RunIndex, walk: str, methods: Sequence[str] | None = No
 
 
 def default_path(index: RunIndex, walk: str, methods: Sequence[str] | None, fmt: str) -> str:
-    """RUN/videos/WALK[-METHOD...].FMT for a local run; VideoError for a remote one (pass --out)."""
+    """RUN/videos/WALK[-METHOD...].FMT for a local run (the walk's name made a safe file name: see
+    store.safe_filename); VideoError for a remote one (pass --out)."""
     if "://" in index.uri and not index.uri.startswith("file://"):
         raise VideoError(f"run {index.uri!r} is not a local folder: pass --out with a local file path")
-    stem = walk + ("-" + "-".join(methods) if methods else "")
+    stem = safe_filename(walk) + ("-" + "-".join(methods) if methods else "")
     return os.path.join(index.uri.removeprefix("file://"), "videos", f"{stem}.{fmt}")
 
 
@@ -175,7 +178,9 @@ def _even(v: int) -> int:
 
 
 def _text(draw: ImageDraw.ImageDraw, text: str, box: tuple[int, int, int, int]) -> None:
-    """Centre `text` in box (x, y, w, h), shrinking the font to fit and cutting it with '...' if needed."""
+    """Centre `text` in box (x, y, w, h), shrinking the font to fit and cutting it with '...' if needed.
+    Control characters (newlines, NUL) show as spaces: a label is one line of data."""
+    text = "".join(" " if unicodedata.category(c)[0] == "C" else c for c in text[:400])
     x, y, w, h = box
     size = max(7, h - 4)
     font = ImageFont.load_default(size=size)
@@ -242,9 +247,11 @@ def write_video(index: RunIndex, walk: str, out: str | None = None, methods: Seq
             for packet in stream.encode():
                 container.mux(packet)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise target_error(e, out) from e  # a full disk: the file meant, not the temporary name
         raise
     played = 100 / round(100 / float(rate)) if fmt.container == "gif" else float(rate)  # GIF delays: 1/100 s
     return VideoResult(out, walk, [t.label for t in tracks], frames, layout.width, layout.height, played,

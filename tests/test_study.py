@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -248,5 +249,13 @@ def test_summary_averages_prompts_within_a_pair_and_reports_each_prompt():
     assert s["paired_differences"]["clip"]["linear - slerp"]["estimate"] == pytest.approx(-2.0)
     assert s["per_prompt"]["clip"]["a dog"]["normalized"]["estimate"] == pytest.approx(10 + 1 + 1 + 0.2)
     assert s["score_curves"]["clip"]["linear"]["mean"] == pytest.approx([10.5 + i / 10 for i in range(5)])
-    with pytest.raises(JobError, match="incomplete"):
-        walk_table(st, _synthetic_frames(st, drop_last=True))
+    # a pair with an incomplete walk is left out whole (its methods stay paired); the rest is analysed
+    part = _synthetic_frames(st, drop_last=True)  # pair 2's last walk lacks its last frame
+    walks = walk_table(st, part)
+    assert sorted(set(walks["pair"].to_pylist())) == [0, 1] and walks.num_rows == 2 * 2 * 3
+    s = summarize(st, part, walks, {"clip_model": "m/none"})
+    assert (s["n_units"], s["pairs_left_out"], s["left_out_pairs"]) == (2, 1, [2])
+    assert s["interp_score"]["clip"]["linear"]["estimate"] == pytest.approx(5.7)  # pairs 0, 1: 10 * 0.5 + 0.5 + 0.2
+    assert len(s["score_curves"]["clip"]["linear"]["mean"]) == 5
+    with pytest.raises(JobError, match="no seed pair has all its walks complete"):
+        walk_table(st, part.filter(pc.not_equal(part["index"], 4)))

@@ -3,6 +3,7 @@ partial runs, bad input, and flat peak memory from 100 to 1,000 frames (RSS of a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -83,12 +84,17 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
     out = tmp_path / "v" / "w.mp4"
     write_video(open_run(run), "seeds", str(out))
     before = out.read_bytes()
-    # corrupt frame 20's stored image (shard 1) behind the store's back
+    # frame 20's stored image (shard 1) is undecodable, in a shard committed as it is (its marker matches:
+    # verification passes, so the writer meets the bad bytes mid-video)
     f = os.path.join(run, "frames", "shard-00001.parquet")
     t = pq.read_table(f)
     images = t.column("image").to_pylist()
     images[4] = b"not an image"
     pq.write_table(t.set_column(t.schema.get_field_index("image"), "image", pa.array(images, pa.binary())), f)
+    marker = os.path.join(run, "commits", "shard-00001.done.json")
+    data = open(f, "rb").read()
+    m = json.load(open(marker))
+    json.dump({**m, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}, open(marker, "w"))
     with pytest.raises(VideoError, match="'seeds' linear frame 20: its stored image cannot be decoded"):
         write_video(open_run(run), "seeds", str(out))
     assert out.read_bytes() == before and os.listdir(out.parent) == ["w.mp4"]

@@ -29,6 +29,7 @@ from PIL import Image
 from hpcwalk import figures
 from hpcwalk.colors import METHOD_COLORS, PALETTE
 from hpcwalk.runindex import RunIndex, Track, evenly_spaced, iter_images, param_text
+from hpcwalk.store import target_error
 
 MARKER = ".hpcwalk-viewer"
 STATIC = ("viewer.js", "viewer.css", "index.html")  # index.html last
@@ -80,8 +81,8 @@ def build_viewer(index: RunIndex, out: str | None = None, thumb_size: int = 160,
     """Write the static viewer of a run into `out` (default RUN/viewer) and return where it is."""
     t0 = time.perf_counter()
     # 1. validate before writing anything
-    if thumb_size < 16:
-        raise ViewerError(f"--thumb-size must be >= 16 pixels, got {thumb_size}")
+    if not 16 <= thumb_size <= 4096:
+        raise ViewerError(f"--thumb-size must be in 16..4096 pixels, got {thumb_size}")
     out = out or default_out(index)
     check_out(out)
     os.makedirs(out, exist_ok=True)
@@ -225,8 +226,16 @@ def _ext(data: bytes) -> str:
 
 
 def _write(folder: str, name: str, data: bytes) -> None:
-    """Write to a hidden temporary name in `folder`, then rename into place."""
+    """Write to a hidden temporary name in `folder`, then rename into place; a failed write (a full disk)
+    removes the temporary file and raises the OSError."""
     tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, os.path.join(folder, name))
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, os.path.join(folder, name))
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise target_error(e, os.path.join(folder, name)) from e
+        raise

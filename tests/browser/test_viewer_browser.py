@@ -134,3 +134,23 @@ def test_run_without_clip_says_so(browser, tmp_path):
     assert page.is_hidden("#gaps")
     assert errors == []
     page.close()
+
+
+def test_prompts_and_names_are_shown_as_text_never_as_markup(browser, tmp_path):
+    """HTML in a prompt or a walk name is data: the page shows it literally and runs none of it; `$` pairs
+    (matplotlib's math syntax) reach the contact sheet as plain text."""
+    evil = "<img src=x onerror=\"window.__xss=1\"><b>bold</b> $\\frac{a$"
+    run = str(tmp_path / "run")
+    name = "one <img src=x onerror=window.__xss=2><i>latent $x$"  # a walk name cannot hold '/'
+    make_run(run, [{"name": name, "kind": "prompts", "seed": 1, "prompts": [evil, "a cat"]}],
+             size=(64, 64))
+    res = CliRunner().invoke(app, ["view", run])
+    assert res.exit_code == 0, res.output
+    page, errors = _open(browser, "file://" + os.path.join(run, "viewer", "index.html"))
+    _loaded(page, "#walk-0 .panel .frame img")
+    assert page.evaluate("window.__xss") is None
+    assert page.locator("img[src='x'], b, i").count() == 0  # no element made from the text
+    assert name in page.inner_text("#walk-0 h2")
+    assert evil in page.inner_text("#walk-0")
+    assert errors == []
+    page.close()

@@ -1,0 +1,182 @@
+"""SIGKILL at random moments: 10 renders and 10 `verify --repair` runs killed mid-way, each followed by
+the same command again; the final output holds every frame exactly once and equals a clean run.
+
+The trials run in one fresh interpreter (this file run as a script), which builds the tiny model once
+and forks each victim from there: a render is the driver (`executors.run_render`, lock, resume,
+commit) on the already-built Renderer, a repair is the `hpcwalk verify --repair` command itself. The
+kill moment is drawn uniformly over the victim's measured duration (seeded: the seed is printed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRIALS = 10
+
+
+@pytest.mark.slow
+def test_sigkill_during_render_and_repair_loses_nothing(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path), "20261127"], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps(res, indent=1))
+    for kind in ("render", "repair"):
+        trials = res[kind]
+        assert len(trials) == TRIALS
+        for t in trials:
+            assert t["rerun_exit"] == 0 and t["equal_to_clean_run"] and t["frames_once"], t
+            assert t["all_shards_ok"] and t["temp_files_after"] == 0 and not t["lock_after"], t
+    # the kills landed at different moments: different numbers of shards were committed when they did
+    assert len({t["committed_at_kill"] for t in res["render"]}) >= 2, res["render"]
+    assert any(t["killed"] for t in res["repair"]), res["repair"]
+    assert len(res["repair_prefixes"]) == 10  # 4 damaged shards with marker and file, 1 marker alone, 1 file alone
+    for t in res["repair_prefixes"]:
+        assert t["repair_exit"] == 0 and t["equal_to_clean_run"] and t["frames_once"] and t["all_shards_ok"], t
+
+
+# -- the trials (run as a script) ---------------------------------------------------------------------
+
+
+def _fork(fn, delay_s: float | None) -> bool:
+    """fn() in a forked child, SIGKILLed after delay_s unless it finished (None: waited for); True when it
+    was killed."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the caller's code
+        code = 3
+        try:
+            code = int(fn() or 0)
+        finally:
+            os._exit(code)
+    if delay_s is None:
+        os.waitpid(pid, 0)
+        return False
+    time.sleep(delay_s)
+    done, _ = os.waitpid(pid, os.WNOHANG)
+    if done == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    return done == 0
+
+
+def _state(out: str) -> dict:
+    from hpcwalk.store import committed_shards
+
+    files = [f for d in ("frames", "commits") if os.path.isdir(os.path.join(out, d))
+             for f in os.listdir(os.path.join(out, d))]
+    return {"committed_at_kill": len(committed_shards(out)), "temp_files_at_kill": sum(".tmp" in f for f in files),
+            "lock_at_kill": os.path.exists(os.path.join(out, ".hpcwalk.lock"))}
+
+
+def _check(out: str, ref, rerun_exit: int) -> dict:
+    from hpcwalk.store import read_frames, verify_run
+
+    got = read_frames(out).sort_by("frame_id").replace_schema_metadata(None)
+    ids = got.column("frame_id").to_pylist()
+    shards = verify_run(out, "full")
+    files = [f for d in ("frames", "commits") for f in os.listdir(os.path.join(out, d))]
+    return {"rerun_exit": rerun_exit, "equal_to_clean_run": got.equals(ref), "frames_once": len(ids) == len(set(ids)),
+            "all_shards_ok": not shards.damaged and len(shards.ok) == 6,
+            "temp_files_after": sum(".tmp" in f for f in files), "lock_after": os.path.exists(os.path.join(out, ".hpcwalk.lock"))}
+
+
+def main(tmp: str, seed: int) -> dict:
+    import warnings
+
+    import torch
+    from typer.testing import CliRunner
+
+    from hpcwalk.cli import app
+    from hpcwalk.executors import run_render
+    from hpcwalk.job import load_job, plan, shard
+    from hpcwalk.store import read_frames, verify_run
+    from jobs import cat_walk, tiny_job_toml
+    from test_verify import DAMAGE, damage
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    rng = random.Random(seed)
+    runner = CliRunner()
+    job_file = os.path.join(tmp, "job.toml")  # 12 frames in 6 shards of 2, no CLIP: about 10 ms a shard
+    with open(job_file, "w") as f:
+        f.write(tiny_job_toml(cat_walk(methods=["linear", "slerp"], frames=6), steps=1, size=16)
+                + "[clip]\nenabled = false\n")
+    job = load_job(job_file)
+    shards = shard(plan(job), job.output.shard_size)
+    from hpcwalk.engine import Renderer
+
+    renderer = Renderer.from_job(job)
+
+    def render(out: str) -> int:
+        s = run_render(job, out, shards, progress=False, factory=lambda j: renderer)
+        return 1 if s.failed else 0
+
+    # 1. a clean run, and how long an undisturbed render takes (in a forked child, as the victims)
+    ref_dir = os.path.join(tmp, "ref")
+    assert render(ref_dir) == 0
+    ref = read_frames(ref_dir).sort_by("frame_id").replace_schema_metadata(None)
+    render_s = _duration(lambda k: render(os.path.join(tmp, f"timing{k}")))
+    out = {"seed": seed, "render_s": render_s, "render": [], "repair": []}
+    # 2. renders killed at random moments, then the same render again
+    for i in range(TRIALS):
+        run = os.path.join(tmp, f"render{i}")
+        delay = rng.uniform(0, render_s)
+        killed = _fork(lambda: render(run), delay)
+        state = _state(run)
+        out["render"].append({"delay_s": round(delay, 4), "killed": killed, **state,
+                              **_check(run, ref, render(run))})
+    # 3. `hpcwalk verify --repair` killed at random moments, then repair and render again
+    template = os.path.join(tmp, "damaged")
+    shutil.copytree(ref_dir, template)
+    for k in range(6):
+        damage(template, DAMAGE[k % len(DAMAGE)], shard=k)
+    repair = lambda run: runner.invoke(app, ["verify", run, "--repair"]).exit_code  # noqa: E731
+    for k in range(3):
+        shutil.copytree(template, os.path.join(tmp, f"probe{k}"))
+    repair_s = _duration(lambda k: repair(os.path.join(tmp, f"probe{k}")))
+    out["repair_s"] = repair_s
+    for i in range(TRIALS):
+        run = os.path.join(tmp, f"repair{i}")
+        shutil.copytree(template, run)
+        before = sum(len(os.listdir(os.path.join(run, d))) for d in ("frames", "commits"))
+        delay = rng.uniform(0, repair_s)
+        killed = _fork(lambda: repair(run), delay)
+        left = sum(len(os.listdir(os.path.join(run, d))) for d in ("frames", "commits"))
+        code = repair(run)  # the same command again, then the render renders what it removed
+        out["repair"].append({"delay_s": round(delay, 4), "killed": killed, "files_removed_at_kill": before - left,
+                              "repair_exit": code, **_check(run, ref, render(run))})
+    # 4. every point a kill can leave a repair at: the first n of its removals done (each one unlink)
+    removals = [p for c in verify_run(template).checks if not c.ok for p in (c.marker, c.parquet) if p]
+    out["repair_prefixes"] = []
+    for n in range(len(removals) + 1):
+        run = os.path.join(tmp, f"prefix{n}")
+        shutil.copytree(template, run)
+        for path in removals[:n]:
+            os.remove(path.replace(template, run, 1))
+        code = repair(run)
+        out["repair_prefixes"].append({"removed": n, "repair_exit": code, **_check(run, ref, render(run))})
+    return out
+
+
+def _duration(fn) -> float:
+    """The shortest of 3 undisturbed runs of fn(k) in a forked child, in seconds (the kill window)."""
+    times = []
+    for k in range(3):
+        t0 = time.perf_counter()
+        _fork(lambda: fn(k), None)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1], int(sys.argv[2]))))

@@ -1,0 +1,215 @@
+"""Shards checked against their commit markers: `hpcwalk verify` lists each shard's state and `--repair`
+removes the damage; every reader leaves a damaged shard out with a warning naming it; resume renders
+exactly the damaged shards again; one driver per run folder (the lock)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pytest
+from typer.testing import CliRunner
+
+from hpcwalk.cli import app
+from hpcwalk.runindex import open_run
+from hpcwalk.store import RunWarning, read_frames
+from jobs import cat_walk, tiny_job_toml
+from synthetic_run import LATENT3, make_run
+
+runner = CliRunner()
+DAMAGE = ("truncated", "checksum mismatch", "missing", "file without marker", "stray temp file")
+
+
+def damage(run: str, kind: str, shard: int = 1) -> None:
+    """Damage one shard of a run folder the way the issue found it: truncated, one flipped byte, its
+    Parquet file deleted (marker kept), its marker deleted (file kept), or a stray temporary file."""
+    f = os.path.join(run, "frames", f"shard-{shard:05d}.parquet")
+    marker = os.path.join(run, "commits", f"shard-{shard:05d}.done.json")
+    if kind == "truncated":
+        data = open(f, "rb").read()
+        open(f, "wb").write(data[: len(data) // 2])
+    elif kind == "checksum mismatch":
+        data = bytearray(open(f, "rb").read())
+        data[len(data) // 2] ^= 0x40
+        open(f, "wb").write(bytes(data))
+    elif kind == "missing":
+        os.remove(f)
+    elif kind == "file without marker":
+        os.remove(marker)
+    else:
+        open(os.path.join(run, "frames", f".shard-{shard:05d}.parquet.tmp"), "wb").write(b"half a parquet file")
+
+
+@pytest.fixture
+def run(tmp_path) -> str:
+    """A synthetic run: one 12-frame walk in 3 shards of 4 frames (shard 1 holds indices 4-7)."""
+    path = str(tmp_path / "run")
+    make_run(path, [dict(LATENT3, frames=12, methods=["linear"])], shard_size=4)
+    return path
+
+
+def test_verify_lists_every_state_and_repair_removes_exactly_the_damage(tmp_path):
+    run = str(tmp_path / "run")
+    make_run(run, [dict(LATENT3, frames=24, methods=["linear"])], shard_size=4)  # shards 0-5
+    for k, kind in enumerate(DAMAGE):
+        damage(run, kind, shard=k)
+    res = runner.invoke(app, ["verify", run])
+    assert res.exit_code == 1, res.output
+    lines = res.stdout.splitlines()
+    assert lines[:6] == ["shard-00000: truncated (" + lines[0].split("(", 1)[1],
+                         "shard-00001: checksum mismatch (" + lines[1].split("(", 1)[1],
+                         "shard-00002: missing (its Parquet file is gone)",
+                         "shard-00003: file without marker (renamed into place but never committed)",
+                         "shard-00004: ok", "shard-00005: ok"]
+    assert lines[6].startswith(".shard-00004.parquet.tmp: stray temp file")
+    assert lines[7] == ("2 of 6 shards ok (full), 1 truncated, 1 checksum mismatch, 1 missing, 1 file without marker, "
+                        "1 stray temp file")
+    assert "hpcwalk verify" in res.stderr and "--repair" in res.stderr
+    # the quick level (size only) cannot see a flipped byte: it says ok there
+    quick = runner.invoke(app, ["verify", run, "--verify", "quick"])
+    assert "shard-00001: ok" in quick.stdout and "shard-00000: truncated" in quick.stdout
+    # --repair removes markers and files of the damaged shards and the temp file; the good ones stay
+    before = {n: os.path.getmtime(os.path.join(run, "commits", n)) for n in ("shard-00004.done.json", "shard-00005.done.json")}
+    res = runner.invoke(app, ["verify", run, "--repair"])
+    assert res.exit_code == 0, res.output
+    assert "repaired: removed 7 files" in res.stdout
+    assert sorted(os.listdir(os.path.join(run, "frames"))) == ["shard-00004.parquet", "shard-00005.parquet"]
+    assert sorted(os.listdir(os.path.join(run, "commits"))) == sorted(before)
+    assert {n: os.path.getmtime(os.path.join(run, "commits", n)) for n in before} == before
+    again = runner.invoke(app, ["verify", run])
+    assert again.exit_code == 0 and again.stdout.splitlines()[-1] == "2 of 2 shards ok (full)"
+    assert runner.invoke(app, ["verify", str(tmp_path)]).exit_code == 2  # not a run folder
+
+
+@pytest.mark.parametrize("kind", ["truncated", "checksum mismatch", "missing"])
+def test_readers_leave_a_damaged_shard_out_and_name_it(run, tmp_path, kind):
+    damage(run, kind)
+    # 1. read_frames: the other shards' frames, and a warning naming the shard and the repair
+    with pytest.warns(RunWarning, match=rf"shard-00001: {kind}.*left out; repair: .*hpcwalk verify .* --repair"):
+        t = read_frames(run, columns=["frame_id", "index", "image"])
+    assert sorted(t.column("index").to_pylist()) == [0, 1, 2, 3, 8, 9, 10, 11]
+    # 2. open_run (video, view, figures): the shard counts as missing
+    with pytest.warns(RunWarning, match="shard-00001"):
+        index = open_run(run)
+    assert index.missing_shards == [1] and index.tracks("seeds")[0].missing == [4, 5, 6, 7]
+    # 3. the commands: exit 0, the warning as one line, the gap reported, never a traceback
+    for args in (["video", run, "--walk", "seeds", "--out", str(tmp_path / "v.mp4")],
+                 ["view", run, "--out", str(tmp_path / "viewer")]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+        warned = [line for line in res.stderr.splitlines() if line.startswith(f"warning: shard-00001: {kind}")]
+        assert len(warned) == 1 and "hpcwalk verify" in warned[0], res.stderr
+        assert "missing 1 of 3 shards: shard-00001" in res.stderr
+    viewer = os.path.join(tmp_path, "viewer", "frames", "w0", "m0")
+    assert sorted(os.listdir(viewer)) == [f"{i:05d}.png" for i in (0, 1, 2, 3, 8, 9, 10, 11)]
+
+
+def test_score_leaves_a_damaged_shard_out(run):
+    damage(run, "checksum mismatch")
+    res = runner.invoke(app, ["score", run, "--clip-model", "tiny-clip", "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "warning: shard-00001: checksum mismatch" in res.stderr
+    assert "8 frames in 2 shards scored" in res.stdout
+    assert sorted(os.listdir(os.path.join(run, "scores", "tiny-clip__none", "data"))) == [
+        "shard-00000.parquet", "shard-00002.parquet"]
+
+
+def test_a_corrupted_score_shard_is_scored_again(run):
+    args = ["score", run, "--clip-model", "tiny-clip", "--device", "cpu", "--no-progress"]
+    assert runner.invoke(app, args).exit_code == 0
+    f = os.path.join(run, "scores", "tiny-clip__none", "data", "shard-00002.parquet")
+    open(f, "wb").write(open(f, "rb").read()[:100])
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0 and "4 frames in 1 shards scored with tiny-clip/none, 2 shards already scored" in res.stdout
+
+
+# -- resume: exactly the damaged shards are rendered again ------------------------------------------
+
+JOB = tiny_job_toml(cat_walk(methods=["linear", "slerp"], frames=5), steps=1, size=16)  # 10 frames, 5 shards
+
+
+def _frames(out: str) -> pa.Table:
+    return read_frames(out).sort_by("frame_id").replace_schema_metadata(None)
+
+
+def test_resume_renders_exactly_the_damaged_shards_again(job_file, tmp_path):
+    ref = str(tmp_path / "ref")
+    assert runner.invoke(app, ["render", job_file, "--out", ref, "--no-progress"]).exit_code == 0
+    out = str(tmp_path / "run")
+    shutil.copytree(ref, out)
+    for k, kind in enumerate(DAMAGE):
+        damage(out, kind, shard=k)
+    kept = os.path.getmtime(os.path.join(out, "commits", "shard-00004.done.json"))
+    res = runner.invoke(app, ["render", job_file, "--out", out, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    for k, kind in enumerate(DAMAGE[:3]):  # the ones that were committed: named as they are rendered again
+        assert f"warning: shard-{k:05d}: {kind}" in res.stderr and "rendering it again" in res.stderr, res.stderr
+    assert "done: 8 frames in 4 shards rendered, 1 shards already committed" in res.stdout
+    assert "3 damaged shards were rendered again" in res.stdout
+    assert os.path.getmtime(os.path.join(out, "commits", "shard-00004.done.json")) == kept
+    assert _frames(out).equals(_frames(ref))
+    assert runner.invoke(app, ["verify", out]).stdout.splitlines()[-1] == "5 of 5 shards ok (full)"
+
+
+# -- one driver per run folder ----------------------------------------------------------------------
+
+
+def _lock(out: str, **holder) -> str:
+    path = os.path.join(out, ".hpcwalk.lock")
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"started_at": time.time(), "token": "t", **holder}, f)
+    return path
+
+
+def test_a_live_driver_refuses_a_second_one(job_file, tmp_path):
+    import platform
+
+    from hpcwalk.runlock import _pid_start
+
+    out = str(tmp_path / "run")
+    assert runner.invoke(app, ["render", job_file, "--out", out, "--no-progress"]).exit_code == 0
+    os.remove(os.path.join(out, "commits", "shard-00002.done.json"))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live process on this host
+    try:
+        lock = _lock(out, host=platform.node(), pid=other.pid, pid_start=_pid_start(other.pid))
+        for args in (["render", job_file, "--out", out, "--no-progress"], ["verify", out, "--repair"]):
+            res = runner.invoke(app, args)
+            assert res.exit_code == 2, res.output
+            [line] = res.stderr.strip().splitlines()
+            assert line.startswith(f"error: {out!r} is being rendered by pid {other.pid} on {platform.node()}")
+            assert "refusing to start a second driver" in line
+        assert not os.path.exists(os.path.join(out, "commits", "shard-00002.done.json"))  # nothing rendered
+        note = runner.invoke(app, ["verify", out])  # read-only: says a render is running
+        assert f"note: pid {other.pid} on" in note.stderr
+        # from another host with a fresh heartbeat: refused; with none for over 10 minutes: taken over
+        _lock(out, host="elsewhere.example", pid=1)
+        assert runner.invoke(app, ["render", job_file, "--out", out, "--no-progress"]).exit_code == 2
+        os.utime(lock, (time.time() - 700, time.time() - 700))
+        res = runner.invoke(app, ["render", job_file, "--out", out, "--no-progress"])
+        assert res.exit_code == 0, res.output
+        assert "warning: took over the lock of" in res.stderr and "no heartbeat from elsewhere.example" in res.stderr
+        assert "done: 2 frames in 1 shards rendered" in res.stdout and not os.path.exists(lock)
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_dead_drivers_lock_is_taken_over_with_a_message(job_file, tmp_path):
+    import platform
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    out = str(tmp_path / "run")
+    _lock(out, host=platform.node(), pid=gone.pid, pid_start=None)  # a new folder holding only a stale lock
+    res = runner.invoke(app, ["render", job_file, "--out", out, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert f"warning: took over the lock of {out!r} from pid {gone.pid}" in res.stderr
+    assert f"pid {gone.pid} is no longer running on this host" in res.stderr
+    assert "done: 10 frames in 5 shards rendered" in res.stdout
+    assert sorted(os.listdir(out)) == ["commits", "frames", "run.json"]  # the lock is gone after the run
