@@ -110,6 +110,24 @@ def test_study_refuses_uncached_lpips_with_one_line(tmp_path, monkeypatch):
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
+def test_study_refuses_frames_too_small_for_lpips_with_one_line(tmp_path):
+    """AlexNet's pooling leaves no pixel of a 24x24 frame (it needs 31): refused before any work, not a
+    RuntimeError from the backbone after the whole render."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from hpcwalk.cli import app
+
+    text = (ROOT / "examples" / "study.toml").read_text()
+    text = re.sub(r"(?m)^height = \d+", "height = 24", re.sub(r"(?m)^width = \d+", "width = 24", text))
+    (tmp_path / "s.toml").write_text(text)
+    res = CliRunner().invoke(app, ["study", str(tmp_path / "s.toml"), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert res.exit_code == 2, res.output
+    assert "must be >= 31 for [study] lpips = 'alex-random'" in res.output and 'lpips = "none"' in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def test_kid_kernel_and_unbiased_mmd_equal_torchmetrics():
     from torchmetrics.image.kid import poly_kernel, poly_mmd
 
