@@ -147,6 +147,10 @@ class Walk:
     layout: str = MIX_LAYOUTS[0]  # mix walks: which reading of the study's C (see interp.mix)
 
 
+# Walk keys added since the first runs were written, at their defaults (left out of the fingerprint there)
+_WALK_KEYS_SINCE_0_1 = {"score_prompt": "", "score_prompts": (), "gammas": (), "layout": MIX_LAYOUTS[0]}
+
+
 @dataclass(frozen=True)
 class RenderJob:
     model: ModelSpec = ModelSpec()
@@ -172,9 +176,17 @@ class RenderJob:
         d.pop("compile", None)  # speed options change frames only within the tested bound
         if self.compile.quantize != "none":  # ... except the FP8 path: its frames are not the exact ones
             d["quantize"] = self.compile.quantize
-        for key in ("config", "variant"):  # left at auto they do not enter it (fingerprints of earlier runs hold)
+        # Keys added after runs were first written enter only when they change something, so a run folder
+        # of an earlier version resumes (its fingerprint holds): at their defaults they are left out.
+        for key in ("config", "variant"):
             if d["model"][key] == "auto":
                 d["model"].pop(key)
+        if not self.encoder.resolved(self.model.id):  # no encoder column: as before [encoder] existed
+            d.pop("encoder")
+        for w in d["walks"]:
+            for key, default in _WALK_KEYS_SINCE_0_1.items():
+                if w[key] == default:
+                    w.pop(key)
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

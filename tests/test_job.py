@@ -163,3 +163,19 @@ def test_malformed_toml(tmp_path):
         load_job(p)
     with pytest.raises(JobError, match="not found"):
         load_job(tmp_path / "missing.toml")
+
+
+def test_fingerprints_of_earlier_runs_hold():
+    """A run folder written before the keys of this round existed resumes: at their defaults, the keys added
+    since (model config/variant, score_prompt(s), gammas, mix layout, an encoder that resolves to none) do not
+    enter the fingerprint. 73fd41ad7fb5af30 is what main at ec06caa computed for this job; a key set away from
+    its default changes it."""
+    import dataclasses
+
+    from hpcwalk.job import load_job
+
+    job = load_job(EXAMPLES / "quickstart.toml")
+    job = dataclasses.replace(job, model=dataclasses.replace(job.model, id="CompVis/stable-diffusion-v1-4"))
+    assert job.fingerprint() == "73fd41ad7fb5af30"
+    w = dataclasses.replace(job.walks[0], score_prompt="A high resolution image of a cat")
+    assert dataclasses.replace(job, walks=(w, *job.walks[1:])).fingerprint() != "73fd41ad7fb5af30"
