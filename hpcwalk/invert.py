@@ -210,7 +210,7 @@ class InversionKey:
     prompt: str
     guidance: float  # of the inversion
     refine: int  # fixed-point iterations per inversion step
-    negative_prompt: str  # used only when guidance > 1
+    negative_prompt: str  # "" unless the inversion's or the reconstruction's guidance is > 1
     render_guidance: float  # of the reconstruction (the walk's sampler), which decides the stored PSNR
     scheduler_config_sha256: str
     preprocess: str = PREPROCESS
@@ -293,7 +293,7 @@ def inversion_key(renderer: Renderer, path: str | os.PathLike, prompt: str, guid
     return InversionKey(
         image_sha256=hashlib.sha256(data).hexdigest(), model_id=c.model_id, revision=c.revision,
         dtype=str(c.dtype).removeprefix("torch."), height=s.height, width=s.width, steps=s.steps, prompt=prompt,
-        guidance=float(guidance), refine=int(refine), negative_prompt=s.negative_prompt if guidance > 1.0 else "",
+        guidance=float(guidance), refine=int(refine), negative_prompt=s.negative_prompt if max(guidance, s.guidance) > 1.0 else "",
         render_guidance=float(s.guidance), scheduler_config_sha256=hashlib.sha256(sched).hexdigest(),
     )
 
