@@ -15,9 +15,10 @@ embeddings of its two prompts at its gamma (hpcwalk.interp), which a later chang
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from hpcwalk.job import NoiseKey
+if TYPE_CHECKING:  # annotations only: job.py may import this module without a cycle
+    from hpcwalk.job import NoiseKey
 
 MAX_SEGMENT_FRAMES = 100_000
 
