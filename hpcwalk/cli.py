@@ -443,7 +443,7 @@ def score(
     dtype: str = typer.Option("float32", help=f"CLIP dtype: {', '.join(DTYPES)}."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Frames per CLIP batch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Re-score every shard (otherwise a rerun scores only the rest)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    progress: ProgressOption = True,
     verify: VerifyOption = DEFAULT_LEVEL,
 ) -> None:
     """Re-score a run's frames with another CLIP model or against another text, without re-rendering: writes

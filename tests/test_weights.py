@@ -242,6 +242,20 @@ def test_no_progress_silences_the_libraries_bars(art, tmp_path, library_bars):
     assert not tlog.is_progress_bar_enabled() and not dlog.is_progress_bar_enabled() and hub.are_progress_bars_disabled()
 
 
+def test_score_no_progress_silences_the_libraries_bars_too(tmp_path, library_bars):
+    import diffusers.utils.logging as dlog
+    import huggingface_hub.utils as hub
+    import transformers.utils.logging as tlog
+
+    job = tmp_path / "job.toml"
+    job.write_text(JOB)
+    assert CliRunner().invoke(app, ["render", str(job), "--out", str(tmp_path / "run")]).exit_code == 0
+    assert tlog.is_progress_bar_enabled() and dlog.is_progress_bar_enabled() and not hub.are_progress_bars_disabled()
+    r = CliRunner().invoke(app, ["score", str(tmp_path / "run"), "--no-progress", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert not tlog.is_progress_bar_enabled() and not dlog.is_progress_bar_enabled() and hub.are_progress_bars_disabled()
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: exit 2, one line naming the fix, nothing written
 # ---------------------------------------------------------------------------------------------
