@@ -165,19 +165,29 @@ class Renderer:
         sched.set_timesteps(s.steps, device=self.device)
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(0)  # skips the timestep lookup (a host sync) on the first step
-        cfg = s.guidance > 1.0
-        emb = self._guidance_embeddings(cond, cfg)
+        emb = self._guidance_embeddings(cond, s.guidance > 1.0)
         x = latents.to(self.dtype) * sched.init_noise_sigma
         for t in sched.timesteps:
-            xin = torch.cat([x, x]) if cfg else x
-            xin = sched.scale_model_input(xin, t)
-            self.speed.mark_step()
-            eps = self.speed.unet(xin, t, encoder_hidden_states=emb, return_dict=False)[0]
-            if cfg:
-                eps_u, eps_c = eps.chunk(2)
-                eps = eps_u + s.guidance * (eps_c - eps_u)
-            x = sched.step(eps, t, x, return_dict=False)[0]
+            x = sched.step(self.eps(sched.scale_model_input(x, t), t, emb), t, x, return_dict=False)[0]
         return x  # (N, 4, h, w)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, guidance: float | None = None) -> torch.Tensor:
+        """eps_u + g (eps_c - eps_u) from one UNet call on [x, x] with emb = [uncond, cond] when g > 1, else eps(x, t, emb)
+
+        x: (N, 4, h, w) scaled model input (the scheduler's scale_model_input is elementwise, so scaling x
+        before doubling it equals scaling the pair); emb: (2N, 77, D) from `_guidance_embeddings` with
+        guidance, else (N, 77, D); g = `guidance`, default the job's. The one place guidance is applied:
+        the sampler loop and DDIM inversion (hpcwalk/invert.py) both call it.
+        """
+        g = self.sampling.guidance if guidance is None else guidance
+        cfg = g > 1.0
+        xin = torch.cat([x, x]) if cfg else x
+        self.speed.mark_step()
+        out = self.speed.unet(xin, t, encoder_hidden_states=emb, return_dict=False)[0]
+        if cfg:
+            eps_u, eps_c = out.chunk(2)
+            out = eps_u + g * (eps_c - eps_u)
+        return out  # (N, 4, h, w)
 
     def _guidance_embeddings(self, cond: torch.Tensor, cfg: bool) -> torch.Tensor:
         """(2N, 77, D) uncond-then-cond embeddings for one CFG UNet call, or cond alone without CFG."""
