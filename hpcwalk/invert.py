@@ -32,10 +32,10 @@ from hpcwalk.engine import Renderer
 from hpcwalk.imagefile import (ALPHA_MODES, MAX_IMAGE_PIXELS, PREPROCESS, RGB_MODES, ImageError,  # noqa: F401
                                first_line, image_sha256, load_image)
 from hpcwalk.models import SDComponents
+from hpcwalk.validate import MAX_INVERT_REFINE as MAX_REFINE  # fixed-point iterations per inversion step
 
 log = logging.getLogger(__name__)
 
-MAX_REFINE = 20  # fixed-point iterations per inversion step
 
 
 # ---------------------------------------------------------------------------------------------
