@@ -157,6 +157,27 @@ def read_index(uri: str) -> list[dict[str, Any]]:
         return []
 
 
+def endpoint_images(uri: str, walk: str) -> list[tuple[dict[str, Any], np.ndarray, np.ndarray]]:
+    """(record, fitted input, reconstruction) of each image of `walk` whose cache file holds both (torch-free)."""
+    from safetensors.numpy import load
+
+    from hpcwalk.store import filesystem
+
+    fs, root = filesystem(uri)
+    out = []
+    for r in read_index(uri):
+        if r.get("walk") != walk:
+            continue
+        try:
+            with fs.open_input_stream(f"{root}/{r['file']}") as f:
+                t = load(f.read())
+        except Exception:  # a damaged or vanished cache file: that endpoint is not shown
+            continue
+        if "image" in t and "reconstruction" in t:
+            out.append((r, t["image"], t["reconstruction"]))
+    return out
+
+
 def describe(records: list[dict[str, Any]]) -> list[str]:
     """One line per walk image: where its endpoint came from and how well it reconstructs."""
     return [f"walk {r['walk']!r} image {r['image']!r}: {'inverted' if r['inverted_now'] else 'cached'}, "

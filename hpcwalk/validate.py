@@ -49,7 +49,7 @@ MAX_PROMPT_CHARS = 10_000  # the text encoder reads 77 tokens (about 300 charact
 MAX_NAME_CHARS = 1000  # walk names (files get a safe name: store.safe_filename)
 MAX_TEXT_CHARS = 4096  # model ids, revisions, CLIP names and tags, devices
 MAX_PLAN_FRAMES = 100_000_000  # frames in one job (the driver holds the whole plan)
-PLAN_BYTES_PER_FRAME = 400  # measured 353-364 bytes per plan row and shard entry (tracemalloc)
+PLAN_BYTES_PER_FRAME = 450  # measured 394-424 bytes per plan row (30 slotted fields) and shard entry (tracemalloc)
 PLAN_BYTES_PER_WALK = 2048  # a Walk, its table and its share of run.json
 MAX_BOOTSTRAP = 100_000  # [study] bootstrap resamples (the default is 10,000)
 MAX_CLIP_BATCH = 4096  # `hpcwalk score --batch-size`
@@ -332,8 +332,14 @@ class RenderPlan:
 
     def describe(self) -> str:
         size = max((len(s.rows) for s in self.shards), default=0)
+        late = sum(1 for r in self.rows if r.stage)
+        images = sum(len(w.images) for w in self.job.walks if w.kind == "images")
+        extra = ((f"; even pacing: {sum(1 for r in self.rows if r.pace_pass == 'coarse'):,} coarse frames first, "
+                  f"then {late:,} final frames in {sum(1 for s in self.shards if s.rows and s.rows[0].stage):,} "
+                  "shards placed from them") if late else "")
+        extra += f"; {images:,} endpoint images inverted before rendering (cached in the run)" if images else ""
         return (f"{len(self.rows):,} frames in {len(self.shards):,} shards of up to {size:,}, micro-batch "
-                f"{self.job.render.batch_size}, plan about {_gib(len(self.rows) * PLAN_BYTES_PER_FRAME)}")
+                f"{self.job.render.batch_size}, plan about {_gib(len(self.rows) * PLAN_BYTES_PER_FRAME)}{extra}")
 
 
 def prepare_render(job: "RenderJob", out: str, overwrite: bool = False, executor: Any = None) -> RenderPlan:
@@ -407,7 +413,8 @@ def truncated_prompts(job: "RenderJob") -> list[str]:
     if job.sampling.guidance > 1.0:
         prompts.setdefault(job.sampling.negative_prompt, "[sampling] negative_prompt")
     for w in job.walks:
-        for p in w.prompts if w.kind in ("text", "prompts") else (w.prompt,):
+        texts = w.prompts if w.kind in ("text", "prompts") else [k.prompt for k in w.keyframes] or (w.prompt,)
+        for p in texts:
             prompts.setdefault(p, f"[[walk]] {w.name!r}")
     out = []
     for p, where in prompts.items():
