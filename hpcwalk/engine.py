@@ -155,7 +155,7 @@ class Renderer:
         out = []
         for r in rows:
             e = self.encode_prompt(r.prompt)
-            if r.kind in ("text", "keyframes"):
+            if r.kind == "text" or (r.kind == "keyframes" and r.prompt_b != r.prompt):  # a kept prompt: its own
                 how = r.method if r.kind == "text" else r.text_method
                 e = interp.interpolate_text(how, e, self.encode_prompt(r.prompt_b), [r.gamma])[0]
             out.append(e)
@@ -331,6 +331,8 @@ class Renderer:
 def _operator_key(r: FrameRow) -> tuple[str, str, Any, Any]:
     if r.kind == "images":
         return "images", r.method, (r.walk, r.image_sha256, r.prompt), r.image_sha256_b
-    b = NoiseKey(r.seed_b, r.draw_b or 0) if r.seed_b is not None else None
-    kind = "latent" if r.kind == "keyframes" else r.kind if r.kind in ("latent", "translate", "mix", "std") else "fixed"
-    return kind, r.method, NoiseKey(r.seed, r.draw), b
+    a, b = NoiseKey(r.seed, r.draw), NoiseKey(r.seed_b, r.draw_b or 0) if r.seed_b is not None else None
+    if r.kind == "keyframes":  # a segment between two keyframes of one seed keeps that latent (as a text walk does)
+        return ("latent" if b != a else "fixed"), r.method, a, b
+    kind = r.kind if r.kind in ("latent", "translate", "mix", "std") else "fixed"
+    return kind, r.method, a, b

@@ -112,6 +112,10 @@ def place_final(job: RenderJob, out: str, shards: Sequence[Shard], todo: Sequenc
     return Placed(ready, waiting, lines)
 
 
+def plan_rows(shards: Sequence[Shard], walk: str) -> list[FrameRow]:
+    return [r for s in shards for r in s.rows if r.walk == walk]
+
+
 def _coarse_shards(shards: Sequence[Shard]) -> dict[str, set[int]]:
     out: dict[str, set[int]] = {}
     for s in shards:
@@ -170,7 +174,7 @@ def make_plan(job: RenderJob, w: Walk, out: str, coarse: dict[int, Any]) -> dict
             dist.append([float(x) for x in dk])
             first += c - 1
         methods[m] = {"coarse_frames": len(rows), "distances": dist, "final_gammas": gammas, "reuse": reuse,
-                      "step_cv_coarse": step_cv(d)}
+                      "step_cv_coarse": step_cv(d), "segment_step_cv_coarse": segment_cv(rows, d)}
     return {"walk": w.name, "job_fingerprint": job.fingerprint(), "measure": measure, "pace_method": w.pace_method,
             "coarse_shards": {str(i): _sha(out, coarse[i]) for i in sorted(coarse)}, "methods": methods}
 
@@ -179,6 +183,16 @@ def step_cv(d: np.ndarray) -> float | None:
     """std / mean of a walk's steps (0: perfectly even); None when it does not move."""
     d = np.asarray(d, np.float64)
     return float(d.std() / d.mean()) if d.size and d.mean() > 0 else None
+
+
+def segment_cv(rows: list[dict[str, Any]], d: np.ndarray) -> float | None:
+    """The mean over segments of each segment's step_cv (what even pacing evens: the steps within a segment;
+    over the whole walk, segments of other lengths or frame counts differ in step size). Step i, from frame
+    i - 1 to frame i, belongs to frame i's segment."""
+    seg = np.array([r["segment"] for r in rows[1:]])
+    cvs = [step_cv(d[seg == k]) for k in np.unique(seg)]
+    cvs = [c for c in cvs if c is not None]
+    return float(np.mean(cvs)) if cvs else None
 
 
 def _cv(v: float | None) -> str:
@@ -204,7 +218,7 @@ def _coarse_frames_of(out: str, walk: str, files: list[str], measure: str, pace_
     col = "clip_image" if measure == "clip" else "image"
     by: dict[str, list[dict[str, Any]]] = {}
     for f in files:
-        t = pq.read_table(f, columns=["walk", "method", "index", "gamma", "pace_pass", col], filesystem=fs)
+        t = pq.read_table(f, columns=["walk", "method", "index", "segment", "gamma", "pace_pass", col], filesystem=fs)
         for r in t.to_pylist():
             if r["walk"] == walk and r["pace_pass"] == pace_pass:
                 by.setdefault(r["method"], []).append(r)
@@ -283,12 +297,18 @@ def measure_after(job: RenderJob, out: str, shards: Sequence[Shard], rendered: s
         steps = _read_json(out, path)
         if steps is None or set(mine) & rendered:
             frames = _coarse_frames_of(out, w.name, [checked[i].parquet for i in mine], plan["measure"], "final")
-            steps = {"walk": w.name, "measure": plan["measure"],
-                     "methods": {m: {"frames": len(rs), "step_cv_final": step_cv(_distances(rs, plan["measure"])),
-                                     "step_cv_coarse": plan["methods"][m]["step_cv_coarse"]}
-                                 for m, rs in frames.items()}}
+            steps = {"walk": w.name, "measure": plan["measure"], "methods": {}}
+            for m, rs in frames.items():
+                d, c = _distances(rs, plan["measure"]), plan["methods"][m]
+                steps["methods"][m] = {"frames": len(rs), "step_cv_coarse": c["step_cv_coarse"],
+                                       "step_cv_final": step_cv(d),
+                                       "segment_step_cv_coarse": c.get("segment_step_cv_coarse"),
+                                       "segment_step_cv_final": segment_cv(rs, d)}
             _write_json(out, path, steps)
-        lines += [f"walk {w.name!r} {m}: step_cv {_cv(v['step_cv_coarse'])} (uniform coarse pass) -> "
-                  f"{_cv(v['step_cv_final'])} ({v['frames']} evenly paced frames, {steps['measure']} steps)"
-                  for m, v in steps["methods"].items()]
+        for m, v in steps["methods"].items():
+            line = (f"walk {w.name!r} {m}: step_cv {_cv(v['step_cv_coarse'])} (uniform coarse pass) -> "
+                    f"{_cv(v['step_cv_final'])} ({v['frames']} evenly paced frames, {steps['measure']} steps)")
+            if len({r.segment for r in plan_rows(shards, w.name)}) > 1:
+                line += (f"; within segments {_cv(v['segment_step_cv_coarse'])} -> {_cv(v['segment_step_cv_final'])}")
+            lines.append(line)
     return lines

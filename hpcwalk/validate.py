@@ -208,7 +208,8 @@ def check_audio_file(where: str, path: Any) -> tuple[str, Any]:
     from hpcwalk.pacing import AudioError, decode_audio, onset_strength
 
     try:
-        return image_sha256(path), onset_strength(decode_audio(path))
+        onsets = onset_strength(decode_audio(path))  # first: its errors name what is wrong with the file
+        return image_sha256(path), onsets
     except AudioError as e:
         raise JobError(f"{where}: {e}") from None
     except OSError as e:

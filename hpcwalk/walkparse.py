@@ -148,9 +148,6 @@ def _parse_keyframes(raw: Any, where: str) -> tuple[Keyframe, ...]:
 def finish(w: "Walk", where: str, ctx: ParseContext) -> "Walk":
     """Check the new keys against the walk's kind and each other; return the walk with audio gammas placed."""
     s = ctx.sampling
-    if w.kind in ("images", "keyframes") and w.seeds:
-        raise JobError(f"{where}: a {w.kind} walk takes no seeds"
-                       + (" (each keyframe has its own)" if w.kind == "keyframes" else " (it starts from its images)"))
     if w.kind == "images" and s.scheduler != "ddim":
         raise JobError(f"{where}: an images walk needs [sampling] scheduler = \"ddim\" (its endpoints are DDIM-"
                        f"inverted, and only the DDIM sampler retraces the inversion), got {s.scheduler!r}")
@@ -168,14 +165,8 @@ def _check_choices(w: "Walk", where: str, ctx: ParseContext) -> None:
 
     if w.easing not in EASINGS:
         raise JobError(_choice_msg(f"{where} easing", w.easing, EASINGS))
-    if w.kind == "prompts" and w.easing != "linear":
-        raise JobError(f"{where}: easing does not apply to a prompts walk (its frames are separate prompts, not "
-                       "positions along a path): drop easing")
     if w.pace not in PACES:
         raise JobError(_choice_msg(f"{where} pace", w.pace, PACES))
-    if w.pace != "uniform" and w.kind not in GAMMA_KINDS:
-        raise JobError(f"{where}: pace = {w.pace!r} places frames at gammas, which a {w.kind} walk does not have: "
-                       f"use it on {', '.join(GAMMA_KINDS)} walks, or easing here")
     if w.pace != "uniform" and w.easing != "linear":
         raise JobError(f"{where}: pace = {w.pace!r} and easing = {w.easing!r} both place the frames: choose one")
     if w.gammas and (w.pace != "uniform" or w.easing != "linear"):

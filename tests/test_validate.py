@@ -207,6 +207,8 @@ def _toml(v) -> str:
     if isinstance(v, str):
         return '"' + "".join(c if c.isprintable() and c not in '"\\' else f"\\u{ord(c):04x}" if ord(c) < 0x10000
                              else f"\\U{ord(c):08x}" for c in v) + '"'
+    if isinstance(v, dict):  # an inline table (keyframes = [{prompt = ..., seed = ...}, ...])
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml(x)}" for k, x in v.items()) + "}"
     return "[" + ", ".join(_toml(x) for x in v) + "]"
 
 
