@@ -106,6 +106,7 @@ def invert_missing(renderer: Any, job: RenderJob, uri: str, prepared: Prepared) 
     from hpcwalk.invert import InversionCache, invert_fitted, key_for
 
     cache = InversionCache(cache_uri(uri))
+    _remove_stray_temporaries(cache)
     keys = [key_for(renderer, t.sha256, t.prompt, t.guidance, t.refine) for t in prepared.tasks]
     found: dict[str, Any] = {}
     for key in keys:
@@ -129,6 +130,16 @@ def invert_missing(renderer: Any, job: RenderJob, uri: str, prepared: Prepared) 
     return [{**asdict(t), "psnr": found[key.digest()].psnr, "latent_error": found[key.digest()].latent_error,
              "file": f"{INVERSIONS_DIR}/{key.digest()}.safetensors", "inverted_now": k in missing}
             for k, (t, key) in enumerate(zip(prepared.tasks, keys))]
+
+
+def _remove_stray_temporaries(cache: Any) -> None:
+    """Temporary files a killed inversion left (`.DIGEST.safetensors.PID.RANDOM.tmp`): the driver holds the run's
+    lock and this is the one process writing the cache, so none of them is being written now."""
+    import pyarrow.fs as pafs
+
+    for info in cache.fs.get_file_info(pafs.FileSelector(cache.root, allow_not_found=True)):
+        if info.base_name.startswith(".") and info.base_name.endswith(".tmp"):
+            cache.fs.delete_file(info.path)
 
 
 # ---------------------------------------------------------------------------------------------
