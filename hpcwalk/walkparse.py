@@ -90,12 +90,9 @@ def parse_keys(body: dict[str, Any], kind: str, where: str, ctx: ParseContext) -
 
 def _parse_images(raw: Any, where: str, ctx: ParseContext) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """images = [paths]: at least 2 strings; each file is read and fitted now (validate.check_image_file)."""
-    if not isinstance(raw, list) or not all(isinstance(p, str) and p for p in raw):
-        raise JobError(f"{where} images must be a list of image file paths (relative to the job file), "
-                       'e.g. ["a.png", "b.jpg"]')
-    if len(raw) < 2:
-        raise JobError(f"{where}: an images walk needs at least 2 images (its keyframes), got {len(raw)}")
-    validate.bounded(f"{where} images", len(raw), None, validate.MAX_IMAGES, "each is inverted before rendering")
+    _keys_list(raw, where, "images", lambda p: isinstance(p, str) and bool(p), validate.MAX_IMAGES,
+               'a list of image file paths (relative to the job file), e.g. ["a.png", "b.jpg"]',
+               "each is inverted before rendering")
     shas = []
     for k, p in enumerate(raw):
         validate.check_text(f"{where} images[{k}]", p, validate.MAX_TEXT_CHARS)
@@ -104,16 +101,23 @@ def _parse_images(raw: Any, where: str, ctx: ParseContext) -> tuple[tuple[str, .
     return tuple(raw), tuple(shas)
 
 
+def _keys_list(raw: Any, where: str, key: str, item_ok: Any, most: int, shape: str, why: str) -> None:
+    """A walk's keyframes as a TOML list (`images`, `keyframes`): of the right items, 2..most of them."""
+    if not isinstance(raw, list) or not all(item_ok(x) for x in raw):
+        raise JobError(f"{where} {key} must be {shape}")
+    if len(raw) < 2:
+        raise JobError(f"{where}: {'an images' if key == 'images' else 'a keyframes'} walk needs at least 2 {key} "
+                       f"(its keyframes), got {len(raw)}")
+    validate.bounded(f"{where} {key}", len(raw), None, most, why)
+
+
 def _parse_keyframes(raw: Any, where: str) -> tuple[Keyframe, ...]:
     """keyframes = [{prompt, seed, frames}, ..., {prompt, seed}]: frames on every keyframe but the last."""
     from hpcwalk.job import _parse_seed  # job.py imports this module lazily: no cycle
 
-    if not isinstance(raw, list) or not all(isinstance(k, dict) for k in raw):
-        raise JobError(f'{where} keyframes must be a list of tables, e.g. [{{prompt = "a cat", seed = 1, frames = 9}}, '
-                       '{prompt = "a dog", seed = 2}]')
-    if len(raw) < 2:
-        raise JobError(f"{where}: a keyframes walk needs at least 2 keyframes, got {len(raw)}")
-    validate.bounded(f"{where} keyframes", len(raw), None, validate.MAX_KEYFRAMES, "keyframes in one walk")
+    _keys_list(raw, where, "keyframes", lambda k: isinstance(k, dict), validate.MAX_KEYFRAMES,
+               'a list of tables, e.g. [{prompt = "a cat", seed = 1, frames = 9}, {prompt = "a dog", seed = 2}]',
+               "keyframes in one walk")
     out = []
     for k, t in enumerate(raw):
         at = f"{where} keyframes[{k}]"

@@ -292,7 +292,7 @@ def test_keyframe_walk_equals_latent_and_text_walks_segment_by_segment(tiny):
 def test_the_new_rows_survive_a_pickle_and_keep_their_stage():
     import pickle
 
-    job = job_of({"name": "e", **LAT, "pace": "even"})
+    job = job_of({"name": "e", **LAT, "methods": ["slerp"], "pace": "even"})
     rows = plan(job)
     assert [r.stage for r in rows] == [0] * 3 + [1] * 5  # the coarse pass (auto: 3 frames), then the final rows
     cut = shard(rows, 4)
