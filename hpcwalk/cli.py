@@ -278,24 +278,29 @@ def video(
     run_dir: str = typer.Argument(..., help="A run folder written by `hpcwalk render` (may be partial)."),
     walk: Optional[str] = typer.Option(None, "--walk", "-w", help="Walk to film (default: every walk, one video each)."),
     method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Method(s) side by side, in this order (repeatable; default: all of the walk's)."),
-    fps: float = typer.Option(30.0, help="Frames per second."),
+    fps: Optional[float] = typer.Option(None, help="Frames per second (default 30; an audio-paced walk plays at its audio_fps)."),
     crf: int = typer.Option(18, help="Quality for mp4 (libx264, 0-51) and webm (VP9, 0-63): lower is better. webp and gif ignore it."),
     format: Optional[str] = typer.Option(None, "--format", "-f", help="mp4 (H.264 yuv420p, faststart), webm, webp or gif (default: --out's extension, else mp4)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output file (needs --walk when the run has several walks; default RUN_DIR/videos/WALK.FMT)."),
     labels: bool = typer.Option(True, "--labels/--no-labels", help="Method names above the panels, the walk parameter below."),
+    audio: Optional[str] = typer.Option(None, "--audio", help="Mux this audio file in (mp4: AAC, webm: Opus), trimmed to the video. Default: an audio-paced walk's own audio (pace = \"audio\")."),
+    audio_start: Optional[float] = typer.Option(None, "--audio-start", metavar="SECONDS", help="Where in the audio the first frame shows (default: the walk's audio_start, else 0)."),
+    no_audio: bool = typer.Option(False, "--no-audio", help="No audio track, even for an audio-paced walk."),
     verify: VerifyOption = DEFAULT_LEVEL,
 ) -> None:
     """Stream a walk's committed frames into a video, its methods side by side; says what is missing.
-    Damaged shards are left out with a warning; exit 1 when the file cannot be written (a full disk)."""
+    An audio-paced walk gets its audio muxed in at its audio_fps. Damaged shards are left out with a
+    warning; exit 1 when the file cannot be written (a full disk)."""
     import os
 
     from hpcwalk.runindex import open_run
     from hpcwalk.store import StoreError
-    from hpcwalk.video import VideoError, VideoOptions, check_options, select_tracks, write_video
+    from hpcwalk.video import VideoError, VideoOptions, check_options, select_tracks, walk_options, write_video
 
     # 1. validate: the run, the options, the walks
     fmt = format or {".webm": "webm", ".webp": "webp", ".gif": "gif"}.get(os.path.splitext(out or "")[1].lower(), "mp4")
-    opts = VideoOptions(format=fmt, fps=fps, crf=crf, labels=labels)
+    opts = VideoOptions(format=fmt, fps=30.0 if fps is None else fps, crf=crf, labels=labels, audio=audio,
+                        audio_start=audio_start or 0.0)
     level = _level(verify)
     try:
         check_options(opts)
@@ -305,6 +310,9 @@ def video(
             _fail(f"--out names one file but {run_dir!r} has {len(walks)} walks: add --walk NAME (one of {', '.join(walks)})")
         if walk:
             select_tracks(index, walk, method)
+        per_walk = {w: walk_options(index, w, opts, fps, audio, audio_start, no_audio) for w in walks}
+        for o in per_walk.values():  # an audio-paced walk's own fps and audio, checked like the options given
+            check_options(o)
         for line in index.missing_report():
             typer.echo(f"warning: {line}", err=True)
         # 2. one video per walk (with no --walk, walks lacking frames or a --method are skipped, and said so)
@@ -316,7 +324,7 @@ def video(
                 why = f"no method {', '.join(lacking)}" if lacking else "no committed frames yet"
                 typer.echo(f"skipped walk {w!r}: {why}", err=True)
                 continue
-            typer.echo(write_video(index, w, out, method, opts).describe())
+            typer.echo(write_video(index, w, out, method, per_walk[w]).describe())
             written += 1
         if not written:
             _fail(f"no walk of {run_dir!r} has committed frames" + (f" for method {', '.join(method)}" if method else ""))

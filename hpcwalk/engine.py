@@ -85,6 +85,8 @@ class Renderer:
         self.scorers = self.speed.scorers(self.scorers)  # CLIP image encoders compiled with scope unet+vae+clip
         self._fused = self._fused_schedule() if self.speed.config.step == "fused" else None
         self._vae32: torch.nn.Module | None = None  # float32 VAE copy for the NaN guard, made on first need
+        # images walks: the run's inverted endpoints (hpcwalk.endpoints.Endpoints), bound by the executor
+        self.endpoints: Any = None
 
     @classmethod
     def from_job(cls, job: RenderJob) -> "Renderer":
@@ -129,6 +131,10 @@ class Renderer:
         out = []
         for (kind, method, a, b), grp in groupby(rows, key=_operator_key):
             grp = list(grp)
+            if kind == "images":  # endpoints inverted from the walk's images, before rendering (endpoints.py)
+                za, zb = self.image_latent(grp[0], 0), self.image_latent(grp[0], 1)
+                out.append(interp.interpolate(method, za, zb, [r.gamma for r in grp]))
+                continue
             za = self.noise(a)
             zb = self.noise(b) if b is not None else None
             if kind == "latent":
@@ -144,14 +150,33 @@ class Renderer:
         return torch.cat(out)  # (N, 4, h, w)
 
     def conditioning(self, rows: Sequence[FrameRow]) -> torch.Tensor:
-        """Prompt embeddings per row (N, 77, D): text walks interpolate between two prompts' outputs."""
+        """Prompt embeddings per row (N, 77, D): text walks interpolate between two prompts' outputs with
+        their method, keyframes walks with their text_method."""
         out = []
         for r in rows:
             e = self.encode_prompt(r.prompt)
-            if r.kind == "text":
-                e = interp.interpolate_text(r.method, e, self.encode_prompt(r.prompt_b), [r.gamma])[0]
+            if r.kind == "text" or (r.kind == "keyframes" and r.prompt_b != r.prompt):  # a kept prompt: its own
+                how = r.method if r.kind == "text" else r.text_method
+                e = interp.interpolate_text(how, e, self.encode_prompt(r.prompt_b), [r.gamma])[0]
             out.append(e)
         return torch.stack(out)
+
+    def image_latent(self, row: FrameRow, side: int) -> torch.Tensor:
+        """The inverted z_T (4, h, w) of an images row's start (side 0) or end (side 1) image, on the device."""
+        if self.endpoints is None:
+            raise RuntimeError(f"{row.frame_id}: an images walk renders from its inverted endpoints, which this "
+                               "renderer was not given: render the job through executors.run_render")
+        sha = row.image_sha256 if side == 0 else row.image_sha256_b
+        return self.endpoints.inversion(self, row.walk, sha, row.prompt).z_T.to(self.device)
+
+    def image_columns(self, rows: Sequence[FrameRow]) -> dict[str, pa.Array]:
+        """image_psnr, image_psnr_b (float64, dB; null on rows of other kinds): each images row's endpoints'
+        reconstruction PSNR against their fitted input images."""
+        def col(side: int) -> pa.Array:
+            return pa.array([self.endpoints.inversion(self, r.walk, r.image_sha256 if side == 0 else r.image_sha256_b,
+                                                      r.prompt).psnr if r.kind == "images" else None for r in rows],
+                            pa.float64())
+        return {"image_psnr": col(0), "image_psnr_b": col(1)}
 
     # -- 2. denoise, decode -----------------------------------------------------------------------
 
@@ -165,19 +190,29 @@ class Renderer:
         sched.set_timesteps(s.steps, device=self.device)
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(0)  # skips the timestep lookup (a host sync) on the first step
-        cfg = s.guidance > 1.0
-        emb = self._guidance_embeddings(cond, cfg)
+        emb = self._guidance_embeddings(cond, s.guidance > 1.0)
         x = latents.to(self.dtype) * sched.init_noise_sigma
         for t in sched.timesteps:
-            xin = torch.cat([x, x]) if cfg else x
-            xin = sched.scale_model_input(xin, t)
-            self.speed.mark_step()
-            eps = self.speed.unet(xin, t, encoder_hidden_states=emb, return_dict=False)[0]
-            if cfg:
-                eps_u, eps_c = eps.chunk(2)
-                eps = eps_u + s.guidance * (eps_c - eps_u)
-            x = sched.step(eps, t, x, return_dict=False)[0]
+            x = sched.step(self.eps(sched.scale_model_input(x, t), t, emb), t, x, return_dict=False)[0]
         return x  # (N, 4, h, w)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, guidance: float | None = None) -> torch.Tensor:
+        """eps_u + g (eps_c - eps_u) from one UNet call on [x, x] with emb = [uncond, cond] when g > 1, else eps(x, t, emb)
+
+        x: (N, 4, h, w) scaled model input (the scheduler's scale_model_input is elementwise, so scaling x
+        before doubling it equals scaling the pair); emb: (2N, 77, D) from `_guidance_embeddings` with
+        guidance, else (N, 77, D); g = `guidance`, default the job's. The one place guidance is applied:
+        the sampler loop and DDIM inversion (hpcwalk/invert.py) both call it.
+        """
+        g = self.sampling.guidance if guidance is None else guidance
+        cfg = g > 1.0
+        xin = torch.cat([x, x]) if cfg else x
+        self.speed.mark_step()
+        out = self.speed.unet(xin, t, encoder_hidden_states=emb, return_dict=False)[0]
+        if cfg:
+            eps_u, eps_c = out.chunk(2)
+            out = eps_u + g * (eps_c - eps_u)
+        return out  # (N, 4, h, w)
 
     def _guidance_embeddings(self, cond: torch.Tensor, cfg: bool) -> torch.Tensor:
         """(2N, 77, D) uncond-then-cond embeddings for one CFG UNet call, or cond alone without CFG."""
@@ -286,12 +321,18 @@ class Renderer:
         extra = to_arrow(clip_cols) if clip_cols else {}
         extra.update(to_arrow(stat_cols))
         extra.update(self.token_columns(rows))  # the prompt length per frame (truncation recorded, not silent)
+        if self.endpoints is not None and self.endpoints.walks:  # a job with images walks: every shard has them
+            extra.update(self.image_columns(rows))
         if redecoded:  # the NaN guard's record: True where the frame was decoded again in float32
             extra["vae_fp32_redecode"] = pa.array(torch.cat(redecoded).cpu().numpy(), pa.bool_())
         return RenderOutput(rows, out, latent_norm, {"render_s": time.perf_counter() - t0}, extra)
 
 
-def _operator_key(r: FrameRow) -> tuple[str, str, NoiseKey, NoiseKey | None]:
-    b = NoiseKey(r.seed_b, r.draw_b or 0) if r.seed_b is not None else None
+def _operator_key(r: FrameRow) -> tuple[str, str, Any, Any]:
+    if r.kind == "images":
+        return "images", r.method, (r.walk, r.image_sha256, r.prompt), r.image_sha256_b
+    a, b = NoiseKey(r.seed, r.draw), NoiseKey(r.seed_b, r.draw_b or 0) if r.seed_b is not None else None
+    if r.kind == "keyframes":  # a segment between two keyframes of one seed keeps that latent (as a text walk does)
+        return ("latent" if b != a else "fixed"), r.method, a, b
     kind = r.kind if r.kind in ("latent", "translate", "mix", "std") else "fixed"
-    return kind, r.method, NoiseKey(r.seed, r.draw), b
+    return kind, r.method, a, b

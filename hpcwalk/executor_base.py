@@ -17,6 +17,8 @@ from functools import partial
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
+import numpy as np
+
 from hpcwalk.engine import Renderer, RenderOutput
 from hpcwalk.job import RenderJob, Shard
 from hpcwalk.store import ShardStore, encode_image, frames_table
@@ -52,7 +54,16 @@ def render_shard(renderer: Renderer, job: RenderJob, shard: Shard, store: ShardS
                  progress: ProgressFn | None = None, worker: str = "local", pool: "EncodePool | None" = None
                  ) -> ShardResult:
     """Render one shard's rows, encode the images, commit the shard. Errors become a failed result."""
+    bind_run(renderer, job, store)
     return commit_shard(render_rows(renderer, shard, progress), job, shard, store, pool, worker)
+
+
+def bind_run(renderer: Renderer, job: RenderJob, store: ShardStore) -> None:
+    """What a renderer needs from the run folder before it renders the job's rows: the inverted image
+    endpoints (hpcwalk/endpoints.py; none without images walks)."""
+    from hpcwalk.endpoints import bind
+
+    bind(renderer, job, store.uri if "://" in store.uri else store.root)
 
 
 @dataclass
@@ -68,12 +79,17 @@ class RenderedShard:
 
 
 def render_rows(renderer: Renderer, shard: Shard, progress: ProgressFn | None = None) -> RenderedShard:
-    """The render half of `render_shard`: frames on the host, nothing written."""
+    """The render half of `render_shard`: frames on the host, nothing written. Rows that reuse a coarse frame
+    (even pacing: `reused_from`) are not rendered; `commit_shard` copies them."""
     started, t0 = time.time(), time.perf_counter()
+    rows = [r for r in shard.rows if r.reused_from is None]
     try:
-        out = renderer.render(shard.rows, on_batch=progress)
+        out = (renderer.render(rows, on_batch=progress) if rows else
+               RenderOutput([], np.zeros((0, 0, 0, 3), np.uint8), np.zeros(0, np.float32)))
     except Exception as e:  # deterministic per shard: reported, not retried; the run goes on and ends non-zero
         return RenderedShard(None, str(renderer.device), started, t0, time.perf_counter() - t0, f"{type(e).__name__}: {e}")
+    if progress and len(rows) < len(shard.rows):
+        progress(len(shard.rows) - len(rows))
     return RenderedShard(out, str(renderer.device), started, t0, time.perf_counter() - t0)
 
 
@@ -87,8 +103,12 @@ def commit_shard(r: RenderedShard, job: RenderJob, shard: Shard, store: ShardSto
         fmt = job.output.image_format
         images = pool.encode(r.out.images, fmt) if pool else [encode_image(f, fmt) for f in r.out.images]
         t2 = time.perf_counter()
-        table = frames_table(list(shard.rows), images, r.out.latent_norm, shard.index,
-                             job.sampling.height, job.sampling.width, extra=r.out.extra)
+        h, w = job.sampling.height, job.sampling.width
+        table = frames_table(list(r.out.rows), images, r.out.latent_norm, shard.index, h, w, extra=r.out.extra)
+        if len(r.out.rows) < len(shard.rows):  # even pacing: frames at a coarse frame's gamma are copies of it
+            from hpcwalk.evenpace import with_reused
+
+            table = with_reused(store, shard, table, h, w)
         store.write(shard, table, {"render_s": r.render_s, "encode_s": t2 - t1}, device=r.device)
     except Exception as e:  # deterministic per shard: reported, not retried; the run goes on and ends non-zero
         error = str(e) if isinstance(e, _RenderFailed) else f"{type(e).__name__}: {e}"

@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
+from hpcwalk import endpoints, evenpace
 from hpcwalk.engine import Renderer
 from hpcwalk.executor_base import (  # noqa: F401  (re-exported: the shared pieces' public home is here too)
     ADDRESS_RE,
@@ -33,6 +34,7 @@ from hpcwalk.executor_base import (  # noqa: F401  (re-exported: the shared piec
     RenderedShard,
     RendererFactory,
     ShardResult,
+    bind_run,
     check_ray_address,
     commit_shard,
     render_rows,
@@ -64,6 +66,8 @@ class Executor(Protocol):
 
     def worker_labels(self) -> dict[str, str]: ...
 
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+
     def close(self) -> None: ...
 
 
@@ -91,6 +95,10 @@ class LocalExecutor:
     def worker_labels(self) -> dict[str, str]:
         return {"local": f"this process, {self.renderer.device if self.renderer else '?'}"}
 
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(renderer, *args) with this executor's Renderer (after `start`): work done once per run."""
+        return fn(self.renderer, *args)
+
     def run(self, job: RenderJob, shards: Sequence[Shard], store: ShardStore,
             progress: ProgressFn | None = None, on_result: Callable[[ShardResult], None] | None = None
             ) -> list[ShardResult]:
@@ -117,6 +125,7 @@ class LocalExecutor:
             if progress:
                 progress(n)
 
+        bind_run(self.renderer, job, store)
         with ThreadPoolExecutor(1, thread_name_prefix="hpcwalk-commit") as bg:
             for s in shards:
                 rendered = render_rows(self.renderer, s, on_batch)
@@ -161,6 +170,7 @@ class RunSummary:
     retries: int = 0
     worker_labels: dict[str, str] = field(default_factory=dict)
     damaged: list[str] = field(default_factory=list)  # committed shards that failed verification: rendered again
+    notes: list[str] = field(default_factory=list)  # image endpoints and even pacing: one line each
 
     @property
     def failed(self) -> list[ShardResult]:
@@ -194,6 +204,7 @@ class RunSummary:
         lines = [head]
         if self.damaged:
             lines.append(f"{len(self.damaged)} damaged shards were rendered again: {'; '.join(self.damaged)}")
+        lines += self.notes
         if self.results:
             lines.append(f"executor {self.executor}: {len(self.worker_lines())} workers, {self.retries} retries")
             lines += self.worker_lines()
@@ -245,18 +256,32 @@ def run_render(job: RenderJob, out: str, shards: Sequence[Shard], overwrite: boo
         if not todo:
             return summary
         try:
-            # 3. load the model on every worker before writing anything, then lock a new folder, open the store
+            # 3. load the model on every worker before writing anything (and read the images walks' files),
+            #    then lock a new folder, open the store
             t0 = time.perf_counter()
             scheduler_config = ex.start(job)
+            inputs = endpoints.prepare(job)
+            if inputs is not None:
+                ex.call(endpoints.check_settings, job)
             if not lock.held:
                 lock.acquire(create=True)
             store = ShardStore(out, job, overwrite=overwrite, metadata=run_metadata(job, scheduler_config))
+            # 4. image endpoints: inverted once, on one worker, before any shard (cached in RUN/inversions)
+            if inputs is not None:
+                uri = store.uri if "://" in store.uri else store.root
+                records = ex.call(endpoints.invert_missing, job, uri, inputs)
+                endpoints.write_index(out, records)
+                summary.notes += endpoints.describe(records)
             summary.load_s = time.perf_counter() - t0
-            # 4. render, one bar for the whole run
+            # 5. render, one bar for the whole run: stage 0, then the final rows placed from it (even pacing)
             bar = RunProgress(sum(len(s.rows) for s in todo), ex, enabled=progress)
             t1 = time.perf_counter()
             try:
-                summary.results = ex.run(job, todo, store, progress=bar.frames, on_result=bar.shard_done)
+                summary.results = ex.run(job, [s for s in todo if not _stage(s)], store, progress=bar.frames,
+                                         on_result=bar.shard_done)
+                late = [s for s in todo if _stage(s)]
+                if late or evenpace.even_walks(job):
+                    summary.results += _final_pass(job, out, shards, late, store, ex, bar, verify, summary)
             finally:
                 bar.close()
             summary.render_s = time.perf_counter() - t1
@@ -266,6 +291,26 @@ def run_render(job: RenderJob, out: str, shards: Sequence[Shard], overwrite: boo
     finally:
         lock.release()
     return summary
+
+
+def _stage(s: Shard) -> int:
+    return s.rows[0].stage if s.rows else 0
+
+
+def _final_pass(job: RenderJob, out: str, shards: Sequence[Shard], late: list[Shard], store: ShardStore, ex: Executor,
+                bar: "RunProgress", verify: VerifyLevel, summary: RunSummary) -> list[ShardResult]:
+    """Even pacing's second pass: place the final rows from the committed coarse pass (RUN/pacing), render
+    them; shards whose coarse pass is incomplete fail with the reason (a rerun renders them)."""
+    placed = evenpace.place_final(job, out, shards, late, verify)
+    summary.notes += placed.lines
+    results = ex.run(job, placed.ready, store, progress=bar.frames, on_result=bar.shard_done)
+    for s in late:
+        if s.index in placed.waiting:
+            results.append(ShardResult(s.index, "failed", len(s.rows), 0.0, placed.waiting[s.index], ex.name))
+            bar.shard_done(results[-1])
+    rendered = {r.shard for r in results if r.status == "committed"}
+    summary.notes += evenpace.measure_after(job, out, shards, rendered, verify)
+    return results
 
 
 def _left_to_render(out: str, shards: Sequence[Shard], overwrite: bool, verify: VerifyLevel, executor: str,

@@ -3,11 +3,13 @@
     image file --load_image--> (H, W, 3) uint8 --encode_latent--> z_0 --ddim_invert--> z_T
     z_T --Renderer.denoise (DDIM, same steps)--> z_0' --Renderer.decode--> frame; psnr(frame, image)
 
-`invert_image` does all of it for one image under one prompt with a `Renderer` whose sampler is
-DDIM, and keeps the result in an `InversionCache` (one small safetensors file per image and
-setting), so every shard and retry that needs the endpoint loads it instead of inverting again.
-The UNet is called as `engine.Renderer` calls it: `unet(x, t, encoder_hidden_states=emb)`, with
-classifier-free guidance as one call on [uncond, cond] when guidance > 1.
+`invert_fitted` does all of it for a batch of fitted images under their prompts with a `Renderer`
+whose sampler is DDIM, in the renderer's micro-batch shape (the last batch padded, as the renderer
+pads), so the stored reconstruction is the frame the walk renders at its endpoint; `invert_image`
+does it for one file. Results are kept in an `InversionCache` (one small safetensors file per
+image and setting, in a local folder or any pyarrow.fs URI), so every shard, retry and worker that
+needs the endpoint loads it instead of inverting again (hpcwalk/endpoints.py wires this into runs).
+The UNet is called through `Renderer.eps`, the one place classifier-free guidance is applied.
 """
 
 from __future__ import annotations
@@ -20,81 +22,20 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 import hpcwalk
 from hpcwalk.engine import Renderer
+from hpcwalk.imagefile import (ALPHA_MODES, MAX_IMAGE_PIXELS, PREPROCESS, RGB_MODES, ImageError,  # noqa: F401
+                               first_line, image_sha256, load_image)
 from hpcwalk.models import SDComponents
+from hpcwalk.validate import MAX_INVERT_REFINE as MAX_REFINE  # fixed-point iterations per inversion step
 
 log = logging.getLogger(__name__)
 
-# Modes PIL converts to RGB without losing meaning; the others (16/32-bit integer, float, HSV, LAB)
-# would be clipped or misread by a plain conversion, so they are refused with the fix.
-RGB_MODES = ("1", "L", "P", "RGB", "CMYK", "YCbCr")
-ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
-MAX_IMAGE_PIXELS = 64_000_000  # 64 MP: larger inputs are refused before decoding
-MAX_REFINE = 20  # fixed-point iterations per inversion step
-PREPROCESS = "v1: exif_transpose, alpha over white, ImageOps.fit lanczos centred"  # part of the cache key
-
-
-class ImageError(ValueError):
-    """An image file cannot be used as a walk endpoint; the message names the file and the fix."""
-
-
-# ---------------------------------------------------------------------------------------------
-# 1. Loading: RGB, resized and centre-cropped to the job's size
-# ---------------------------------------------------------------------------------------------
-
-
-def load_image(path: str | os.PathLike, height: int, width: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """The image at `path` as (height, width, 3) uint8 RGB, covering the frame, centre-cropped.
-
-    1. EXIF orientation applied (a phone photo stands as it was taken); the first frame of an
-       animation. 2. To RGB: modes in RGB_MODES convert directly; alpha (ALPHA_MODES) is
-       composited over white; any other mode is refused. 3. Fit (PIL.ImageOps.fit, Lanczos): the
-       largest centred region of the target's aspect ratio is cut out and resized to (height,
-       width), so nothing is stretched and the short side fills the frame; a wider image loses
-       equal strips left and right, a taller one top and bottom. One-line ImageError for a missing
-       file, a file that is not an image, an unsupported mode, a damaged file or more than
-       max_pixels pixels.
-    """
-    p = os.fspath(path)
-    if not os.path.isfile(p):
-        raise ImageError(f"image file {p!r} not found: check the path")
-    try:
-        img = Image.open(p)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
-        raise ImageError(f"{p!r} is not an image Pillow can read ({_first_line(e)}): pass a PNG, JPEG or WebP file") from None
-    with img:
-        if img.width * img.height > max_pixels:
-            raise ImageError(f"{p!r} is {img.width}x{img.height} pixels, more than {max_pixels:,}: scale it down first")
-        if img.mode not in RGB_MODES + ALPHA_MODES:
-            raise ImageError(f"{p!r} has pixel mode {img.mode!r}, which has no faithful RGB conversion: "
-                             "save it as 8-bit RGB (or RGBA, grayscale) and pass that")
-        try:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-        except (OSError, ValueError, SyntaxError) as e:
-            raise ImageError(f"{p!r} is damaged ({_first_line(e)}): re-export or replace the file") from None
-        rgb = _to_rgb(img)
-    fitted = ImageOps.fit(rgb, (int(width), int(height)), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
-    return np.asarray(fitted, dtype=np.uint8).copy()  # (H, W, 3)
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in RGB_MODES:
-        return img.convert("RGB")
-    rgba = img.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert("RGB")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,21 +64,23 @@ def inverse_scheduler(config: dict):
 
 
 @torch.no_grad()
-def ddim_invert(c: SDComponents, z0: torch.Tensor, cond: torch.Tensor, steps: int, guidance: float = 0.0,
+def ddim_invert(renderer: Renderer, z0: torch.Tensor, cond: torch.Tensor, steps: int, guidance: float = 0.0,
                 uncond: torch.Tensor | None = None, refine: int = 0) -> torch.Tensor:
     """z_T by DDIM run backwards: x_t = sqrt(a_t) x0_hat + sqrt(1 - a_t) eps, x0_hat = (x_{t-r} - sqrt(1 - a_{t-r}) eps) / sqrt(a_{t-r})
 
     z0: (B, 4, h, w); cond: (B, 77, D) prompt embeddings; -> (B, 4, h, w) float32. The timesteps
     are DDIMInverseScheduler's for `steps` (the DDIMScheduler's of the same config, ascending), so
-    DDIM sampling at the same steps retraces them. Plain inversion (refine = 0, as diffusers'
-    DiffEdit inverts) takes eps = eps(x_{t-r}, t), where the sampler will use eps(x_t, t): the
-    round trip is exact only as the steps grow. refine = k > 0 iterates x_t <- step(eps(x_t, t),
-    x_{t-r}) k times per step, converging to the sampler's exact inverse (fixed-point inversion,
-    as in AIDI and ReNoise) for (1 + k) x steps UNet calls. Guidance: none by default (guidance
-    <= 1: the conditional eps only); with guidance > 1 eps = eps_u + g (eps_c - eps_u) on
-    [uncond, cond] in one call, as in the renderer, though guided inversion drifts (its error grows
-    with g), so it is rarely what a walk wants.
+    DDIM sampling at the same steps retraces them. eps is `renderer.eps` (its UNet, compiled or
+    not, and its guidance arithmetic). Plain inversion (refine = 0, as diffusers' DiffEdit
+    inverts) takes eps = eps(x_{t-r}, t), where the sampler will use eps(x_t, t): the round trip
+    is exact only as the steps grow. refine = k > 0 iterates x_t <- step(eps(x_t, t), x_{t-r}) k
+    times per step, converging to the sampler's exact inverse (fixed-point inversion, as in AIDI
+    and ReNoise) for (1 + k) x steps UNet calls. Guidance: none by default (guidance <= 1: the
+    conditional eps only); with guidance > 1 eps = eps_u + g (eps_c - eps_u) on [uncond, cond] in
+    one call, though guided inversion drifts (its error grows with g), so it is rarely what a walk
+    wants.
     """
+    c = renderer.c
     _check_steps(c.scheduler_config, steps)
     _check_refine(refine)
     cfg = guidance > 1.0
@@ -148,22 +91,28 @@ def ddim_invert(c: SDComponents, z0: torch.Tensor, cond: torch.Tensor, steps: in
     emb = cond.to(c.device, c.dtype)  # (B, 77, D)
     if cfg:
         emb = torch.cat([uncond.to(c.device, c.dtype).expand_as(emb), emb])  # (2B, 77, D)
-    x = z0.to(c.device, c.dtype)  # (B, 4, h, w)
+    x = z0.to(c.device, c.dtype)  # (B, 4, h, w); DDIM's scale_model_input is the identity
     for t in sched.timesteps:
-        x_next = sched.step(_eps(c, x, t, emb, guidance, cfg), t, x, return_dict=False)[0]
+        x_next = sched.step(renderer.eps(x, t, emb, guidance), t, x, return_dict=False)[0]
         for _ in range(refine):  # fixed point of x_next = step(eps(x_next, t), x): the sampler's exact inverse
-            x_next = sched.step(_eps(c, x_next, t, emb, guidance, cfg), t, x, return_dict=False)[0]
+            x_next = sched.step(renderer.eps(x_next, t, emb, guidance), t, x, return_dict=False)[0]
         x = x_next
     return x.float()  # (B, 4, h, w)
 
 
-def _check_steps(config: dict, steps: int) -> None:
-    """DDIM's "leading" timesteps are i (T // steps) + steps_offset, i < steps; the last must stay below T (diffusers indexes past it)."""
+def max_steps(config: dict) -> int:
+    """The most DDIM steps this scheduler config can schedule: its "leading" timesteps are i (T // steps)
+    + steps_offset, i < steps, and the last must stay below T (diffusers indexes its alphas there)."""
     n_train = int(config.get("num_train_timesteps", 1000))
     offset = int(config.get("steps_offset", 0)) if config.get("timestep_spacing", "leading") == "leading" else 0
-    ok = not isinstance(steps, bool) and isinstance(steps, int) and steps >= 1
-    if not ok or (steps - 1) * (n_train // steps) + offset > n_train - 1:
-        most = max(k for k in range(1, n_train + 1) if (k - 1) * (n_train // k) + offset <= n_train - 1)
+    return max(k for k in range(1, n_train + 1) if (k - 1) * (n_train // k) + offset <= n_train - 1)
+
+
+def _check_steps(config: dict, steps: int) -> None:
+    n_train = int(config.get("num_train_timesteps", 1000))
+    most = max_steps(config)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= most:
+        offset = config.get("steps_offset", 0)
         raise ValueError(f"inversion steps must be an int in 1..{most} for this scheduler "
                          f"({n_train} training steps, steps_offset {offset}), got {steps!r}")
 
@@ -171,15 +120,6 @@ def _check_steps(config: dict, steps: int) -> None:
 def _check_refine(refine: int) -> None:
     if isinstance(refine, bool) or not isinstance(refine, int) or not 0 <= refine <= MAX_REFINE:
         raise ValueError(f"refine (fixed-point iterations per inversion step) must be an int in 0..{MAX_REFINE}, got {refine!r}")
-
-
-def _eps(c: SDComponents, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, guidance: float, cfg: bool) -> torch.Tensor:
-    xin = torch.cat([x, x]) if cfg else x
-    eps = c.unet(xin, t, encoder_hidden_states=emb, return_dict=False)[0]  # DDIM's scale_model_input is the identity
-    if cfg:
-        eps_u, eps_c = eps.chunk(2)
-        eps = eps_u + guidance * (eps_c - eps_u)
-    return eps
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -230,110 +170,159 @@ class Inversion:
     psnr: float  # dB, reconstruction against the fitted input image
     latent_error: float  # ||z_0' - z_0|| / ||z_0||, z_0' the sampler's latent before decoding
     cached: bool  # True: loaded from the cache, nothing was run
+    image: np.ndarray | None = None  # (H, W, 3) uint8: the fitted input (None in files written before it was kept)
 
 
 class InversionCache:
-    """Inversions as `<digest>.safetensors` files in one folder, written to a temporary name and renamed."""
+    """Inversions as `<digest>.safetensors` files in one folder (a local path or a pyarrow.fs URI such as
+    s3://bucket/run/inversions), each written to a unique temporary name beside it and renamed."""
 
     def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
+        from hpcwalk.store import filesystem
 
-    def path(self, key: InversionKey) -> Path:
-        return self.folder / f"{key.digest()}.safetensors"
+        self.uri = os.fspath(folder)
+        self.fs, self.root = filesystem(self.uri)
+        self.local = "://" not in self.uri
+        self.folder = Path(self.root)
+
+    def path(self, key: InversionKey) -> Path | str:
+        name = f"{key.digest()}.safetensors"
+        return self.folder / name if self.local else f"{self.root}/{name}"
 
     def load(self, key: InversionKey) -> Inversion | None:
         """The stored inversion, or None when there is none; a damaged or foreign file counts as none (logged)."""
-        from safetensors import safe_open
+        from safetensors.torch import load as load_tensors
 
-        p = self.path(key)
-        if not p.is_file():
+        p = str(self.path(key))
+        try:
+            with self.fs.open_input_stream(p) as f:
+                data = f.read()
+        except FileNotFoundError:
             return None
         try:
-            with safe_open(str(p), framework="pt") as f:
-                meta = f.metadata() or {}
-                if json.loads(meta.get("key", "null")) != dataclasses.asdict(key):
-                    raise ValueError("its key does not match")
-                t = {name: f.get_tensor(name) for name in ("z_T", "z_0", "reconstruction")}
+            n = int.from_bytes(data[:8], "little")
+            meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+            if json.loads(meta.get("key", "null")) != dataclasses.asdict(key):
+                raise ValueError("its key does not match")
+            t = load_tensors(data)
+            image = t["image"].numpy() if "image" in t else None
             return Inversion(t["z_T"], t["z_0"], t["reconstruction"].numpy(), float(meta["psnr"]),
-                             float(meta["latent_error"]), cached=True)
+                             float(meta["latent_error"]), cached=True, image=image)
         except Exception as e:  # safetensors raises several types for a damaged file
-            log.warning("inversion cache file %s is unusable (%s): inverting again", p, _first_line(e))
+            log.warning("inversion cache file %s is unusable (%s): inverting again", p, first_line(e))
             return None
 
-    def save(self, key: InversionKey, inv: Inversion) -> Path:
-        """Write atomically: a temporary file in the same folder, then os.replace onto the final name."""
-        from safetensors.torch import save_file
+    def save(self, key: InversionKey, inv: Inversion) -> Path | str:
+        """Write atomically: a temporary file of a unique name in the same folder, then renamed onto the final name."""
+        from safetensors.torch import save as save_tensors
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        final = self.path(key)
-        tmp = self.folder / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        final = str(self.path(key))
+        tmp = f"{self.root}/.{key.digest()}.safetensors.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         meta = {"key": json.dumps(dataclasses.asdict(key)), "psnr": repr(inv.psnr),
                 "latent_error": repr(inv.latent_error), "hpcwalk": hpcwalk.__version__}
         tensors = {"z_T": inv.z_T.contiguous(), "z_0": inv.z_0.contiguous(),
                    "reconstruction": torch.from_numpy(np.ascontiguousarray(inv.reconstruction))}
+        if inv.image is not None:
+            tensors["image"] = torch.from_numpy(np.ascontiguousarray(inv.image))
+        data = save_tensors(tensors, metadata=meta)
+        self.fs.create_dir(self.root, recursive=True)
         try:
-            save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, final)
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self.fs.move(tmp, final)
         finally:
-            tmp.unlink(missing_ok=True)
-        return final
+            try:
+                self.fs.delete_file(tmp)
+            except (FileNotFoundError, OSError):  # moved into place (the usual case)
+                pass
+        return self.path(key)
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. The entry point
+# 4. The entry points
 # ---------------------------------------------------------------------------------------------
 
 
 def inversion_key(renderer: Renderer, path: str | os.PathLike, prompt: str, guidance: float = 0.0,
                   refine: int = 0) -> InversionKey:
     """The cache key of inverting the image at `path` under `prompt` for this renderer's model and sampling."""
+    return key_for(renderer, image_sha256(path), prompt, guidance, refine)
+
+
+def key_for(renderer: Renderer, sha256: str, prompt: str, guidance: float = 0.0, refine: int = 0) -> InversionKey:
+    """The cache key of inverting the image whose bytes hash to `sha256` (no file needed: a worker
+    without the image computes the key the driver's inversion was stored under)."""
     s, c = renderer.sampling, renderer.c
-    data = Path(path).read_bytes()
     sched = json.dumps(c.scheduler_config, sort_keys=True, default=str).encode()
     return InversionKey(
-        image_sha256=hashlib.sha256(data).hexdigest(), model_id=c.model_id, revision=c.revision,
+        image_sha256=sha256, model_id=c.model_id, revision=c.revision,
         dtype=str(c.dtype).removeprefix("torch."), height=s.height, width=s.width, steps=s.steps, prompt=prompt,
         guidance=float(guidance), refine=int(refine), negative_prompt=s.negative_prompt if max(guidance, s.guidance) > 1.0 else "",
         render_guidance=float(s.guidance), scheduler_config_sha256=hashlib.sha256(sched).hexdigest(),
     )
 
 
-@torch.no_grad()
-def invert_image(renderer: Renderer, path: str | os.PathLike, prompt: str, cache: InversionCache | None = None,
-                 guidance: float = 0.0, refine: int = 0) -> Inversion:
-    """Invert one image under `prompt` at the renderer's size and steps, and render it back to measure it.
-
-    The renderer's sampler must be DDIM (the deterministic sampler the inversion reverses); its
-    steps are the inversion's steps; its guidance is used for the reconstruction (the frame the
-    walk shows at the endpoint), the inversion's own `guidance` defaults to none; `refine` is
-    `ddim_invert`'s. With a cache, a stored result is returned as it is (`cached=True`, no model
-    call) and a new one is stored.
-    """
+def check_inversion(renderer: Renderer, guidance: float, refine: int) -> float:
+    """The renderer's sampler must be DDIM (the deterministic sampler the inversion reverses), its steps
+    schedulable, refine an int in 0..MAX_REFINE, guidance finite >= 0; returns guidance as a float."""
     s = renderer.sampling
     if s.scheduler != "ddim":
         raise ValueError(f"image endpoints need the DDIM sampler: set [sampling] scheduler = \"ddim\" (got {s.scheduler!r})")
-    if not isinstance(prompt, str):
-        raise ValueError(f"the inversion prompt must be a string, got {prompt!r}")
     g = float(guidance)
     if not np.isfinite(g) or g < 0:
         raise ValueError(f"inversion guidance must be a finite number >= 0, got {guidance!r}")
-    # 1. the image (errors before any work) and the cache
-    image = load_image(path, s.height, s.width)  # (H, W, 3)
     _check_steps(renderer.c.scheduler_config, s.steps)
     _check_refine(refine)
+    return g
+
+
+@torch.no_grad()
+def invert_fitted(renderer: Renderer, images: np.ndarray, prompts: Sequence[str], guidance: float = 0.0,
+                  refine: int = 0) -> list[Inversion]:
+    """Invert fitted images (K, H, W, 3) uint8, image k under prompts[k], and render each back to measure it.
+
+    In micro-batches of the renderer's batch size, the last padded with copies of its last image (the
+    renderer's fixed shapes: compiled graphs are reused, and each reconstruction is computed in the
+    shape the walk's frames are, so it is the walk's endpoint frame). Steps are the renderer's; its
+    guidance is the reconstruction's (the walk's sampler), the inversion's own `guidance` defaults to
+    none; `refine` is `ddim_invert`'s. Nothing is cached here (see `invert_image`, endpoints.py).
+    """
+    s, b = renderer.sampling, renderer.batch_size
+    g = check_inversion(renderer, guidance, refine)
+    if len(images) != len(prompts):
+        raise ValueError(f"need one prompt per image, got {len(images)} images and {len(prompts)} prompts")
+    out: list[Inversion] = []
+    for i in range(0, len(images), b):
+        imgs, ps = np.asarray(images[i : i + b]), list(prompts[i : i + b])
+        n, pad = len(imgs), b - len(imgs)
+        imgs_p = np.concatenate([imgs, np.repeat(imgs[-1:], pad, axis=0)])  # (B, H, W, 3)
+        # 1. encode and invert
+        z0 = encode_latent(renderer.c, imgs_p)  # (B, 4, h, w)
+        cond = torch.stack([renderer.encode_prompt(p) for p in ps + [ps[-1]] * pad])  # (B, 77, D)
+        uncond = renderer.encode_prompt(s.negative_prompt)[None] if g > 1.0 else None
+        z_T = ddim_invert(renderer, z0, cond, s.steps, g, uncond, refine)  # (B, 4, h, w)
+        # 2. render back with the walk's sampler, measure
+        z0_back = renderer.denoise(z_T, cond).float()  # (B, 4, h, w)
+        frames = renderer.decode(z0_back).cpu().numpy()  # (B, H, W, 3) uint8
+        for k in range(n):
+            err = float((z0_back[k] - z0[k]).norm() / z0[k].norm())
+            out.append(Inversion(z_T[k].cpu(), z0[k].cpu(), frames[k], psnr(frames[k], imgs[k]), err, cached=False,
+                                 image=imgs[k]))
+    return out
+
+
+def invert_image(renderer: Renderer, path: str | os.PathLike, prompt: str, cache: InversionCache | None = None,
+                 guidance: float = 0.0, refine: int = 0) -> Inversion:
+    """Invert one image file under `prompt` at the renderer's size and steps (`invert_fitted`), through
+    `cache`: a stored result is returned as it is (`cached=True`, no model call), a new one stored."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"the inversion prompt must be a string, got {prompt!r}")
+    g = check_inversion(renderer, guidance, refine)
+    image = load_image(path, renderer.sampling.height, renderer.sampling.width)  # (H, W, 3): errors before any work
     key = inversion_key(renderer, path, prompt, g, refine)
     if cache is not None and (hit := cache.load(key)) is not None:
         return hit
-    # 2. encode and invert
-    z0 = encode_latent(renderer.c, image[None])  # (1, 4, h, w)
-    cond = renderer.encode_prompt(prompt)[None]  # (1, 77, D)
-    uncond = renderer.encode_prompt(s.negative_prompt)[None] if g > 1.0 else None
-    z_T = ddim_invert(renderer.c, z0, cond, s.steps, g, uncond, refine)  # (1, 4, h, w)
-    # 3. render it back with the walk's sampler, measure
-    z0_back = renderer.denoise(z_T, cond).float()  # (1, 4, h, w)
-    frame = renderer.decode(z0_back)[0].cpu().numpy()  # (H, W, 3) uint8
-    err = float((z0_back - z0).norm() / z0.norm())
-    inv = Inversion(z_T[0].cpu(), z0[0].cpu(), frame, psnr(frame, image), err, cached=False)
+    inv = invert_fitted(renderer, image[None], [prompt], g, refine)[0]
     if cache is not None:
         cache.save(key, inv)
     return inv

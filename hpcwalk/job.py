@@ -22,12 +22,13 @@ from typing import Any, Literal, Sequence
 
 from hpcwalk import validate
 from hpcwalk.compile import CompileConfig
+from hpcwalk.keyframes import Keyframe
 from hpcwalk.validate import JobError  # noqa: F401  (defined beside the bounds; importable from here as before)
 
 METHODS = ("linear", "normalized", "slerp")  # latent interpolation (hpcwalk.interp implements them)
 TEXT_METHODS = ("linear", "slerp")  # text-embedding interpolation
 
-WALK_KINDS = ("latent", "text", "translate", "mix", "std", "prompts")
+WALK_KINDS = ("latent", "text", "translate", "mix", "std", "prompts", "images", "keyframes")
 MIX_LAYOUTS = ("end-left", "end-right")  # the two readings of the study's C (hpcwalk.interp.mix)
 DTYPES = ("float32", "float16", "bfloat16")
 IMAGE_FORMATS = ("png", "webp", "jpeg")
@@ -145,10 +146,36 @@ class Walk:
     score_prompts: tuple[str, ...] = ()  # text / prompts walks: one scoring text per prompt
     gammas: tuple[float, ...] = ()  # latent / text walks: explicit gammas instead of i / (frames - 1)
     layout: str = MIX_LAYOUTS[0]  # mix walks: which reading of the study's C (see interp.mix)
+    # Where the frames sit (hpcwalk/walkparse.py parses these keys, hpcwalk/placement.py places the rows)
+    easing: str = "linear"  # linear | ease-in | ease-out | ease-in-out (hpcwalk.pacing.ease); not on prompts walks
+    easing_exponent: float = 2.0  # p of ease-in g^p, ease-out, ease-in-out
+    pace: str = "uniform"  # uniform | even (coarse pass, then equal steps: hpcwalk/evenpace.py) | audio
+    pace_coarse: int = 0  # even: coarse frames per segment (0: ceil(frames / 4) + 1, at least 3)
+    pace_measure: str = "auto"  # even: clip (chord of CLIP embeddings) | pixel (RMS) | auto (clip when CLIP runs)
+    pace_method: str = "pchip"  # even: pchip | linear (hpcwalk.pacing.even_gammas)
+    audio: str = ""  # audio: the audio file as written in the job (relative to the job file)
+    audio_sha256: str = ""  # its content (in the fingerprint; the path is not)
+    audio_fps: float = 30.0  # audio: the video's frame rate the walk is timed at
+    audio_start: float = 0.0  # audio: seconds into the audio where frame 0 shows
+    audio_floor: float = 0.25  # audio: slowest pace, as a share of the mean (hpcwalk.pacing.audio_gammas)
+    audio_gammas: tuple[float, ...] = ()  # audio: each frame's gamma, placed from the file when the job was parsed
+    # images walks: endpoints DDIM-inverted from image files (hpcwalk/invert.py, hpcwalk/endpoints.py)
+    images: tuple[str, ...] = ()  # as written in the job (relative to the job file)
+    image_sha256: tuple[str, ...] = ()  # each file's content (in the fingerprint; the paths are not)
+    invert_guidance: float = 0.0  # guidance of the inversion (0: none, the faithful choice)
+    invert_refine: int = 5  # fixed-point iterations per inversion step (0: plain DDIM inversion)
+    # keyframes walks: prompt and seed move together, segment by segment
+    keyframes: tuple[Keyframe, ...] = ()
+    text_method: str = "slerp"  # keyframes: text-embedding interpolation (linear | slerp)
 
 
 # Walk keys added since the first runs were written, at their defaults (left out of the fingerprint there)
-_WALK_KEYS_SINCE_0_1 = {"score_prompt": "", "score_prompts": (), "gammas": (), "layout": MIX_LAYOUTS[0]}
+_WALK_KEYS_SINCE_0_1 = {"score_prompt": "", "score_prompts": (), "gammas": (), "layout": MIX_LAYOUTS[0],
+                        "easing": "linear", "easing_exponent": 2.0, "pace": "uniform", "pace_coarse": 0,
+                        "pace_measure": "auto", "pace_method": "pchip", "audio_sha256": "", "audio_fps": 30.0,
+                        "audio_start": 0.0, "audio_floor": 0.25, "audio_gammas": (), "image_sha256": (),
+                        "invert_guidance": 0.0, "invert_refine": 5, "keyframes": (), "text_method": "slerp"}
+_WALK_PATHS = ("images", "audio")  # files as written: their sha256 stands for them in the fingerprint
 
 
 @dataclass(frozen=True)
@@ -187,6 +214,8 @@ class RenderJob:
             for key, default in _WALK_KEYS_SINCE_0_1.items():
                 if w[key] == default:
                     w.pop(key)
+            for key in _WALK_PATHS:
+                w.pop(key)
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -224,13 +253,18 @@ class RenderJob:
 _TABLES = {"model": ModelSpec, "sampling": Sampling, "render": RenderSettings, "clip": ClipSpec, "output": OutputSpec,
            "compile": CompileConfig, "encoder": EncoderSpec}
 
+_EASE, _PACE = {"easing", "easing_exponent"}, {"pace", "pace_coarse", "pace_measure", "pace_method", "audio",
+                                                "audio_fps", "audio_start", "audio_floor"}  # hpcwalk/walkparse.py
 _WALK_KEYS: dict[str, set[str]] = {
-    "latent": {"prompt", "seeds", "methods", "frames", "score_prompt", "gammas"},
-    "text": {"prompts", "seeds", "methods", "frames", "score_prompt", "score_prompts", "gammas"},
-    "translate": {"prompt", "seeds", "stride", "score_prompt"},
-    "mix": {"prompt", "seeds", "stride", "score_prompt", "layout"},
-    "std": {"prompt", "seeds", "frames", "std_min", "std_max", "score_prompt"},
+    "latent": {"prompt", "seeds", "methods", "frames", "score_prompt", "gammas"} | _EASE | _PACE,
+    "text": {"prompts", "seeds", "methods", "frames", "score_prompt", "score_prompts", "gammas"} | _EASE | _PACE,
+    "translate": {"prompt", "seeds", "stride", "score_prompt"} | _EASE,
+    "mix": {"prompt", "seeds", "stride", "score_prompt", "layout"} | _EASE,
+    "std": {"prompt", "seeds", "frames", "std_min", "std_max", "score_prompt"} | _EASE,
     "prompts": {"prompts", "seeds", "score_prompt", "score_prompts"},
+    "images": {"images", "prompt", "methods", "frames", "gammas", "score_prompt", "invert_guidance",
+               "invert_refine"} | _EASE | _PACE,
+    "keyframes": {"keyframes", "methods", "text_method", "score_prompt"} | _EASE | _PACE,
 }
 _WALK_REQUIRED: dict[str, set[str]] = {
     "latent": {"prompt", "seeds"},  # and frames or gammas (checked in _parse_walk)
@@ -239,6 +273,8 @@ _WALK_REQUIRED: dict[str, set[str]] = {
     "mix": {"prompt", "seeds"},
     "std": {"prompt", "seeds", "frames"},
     "prompts": {"prompts", "seeds"},
+    "images": {"images", "prompt"},  # and frames or gammas
+    "keyframes": {"keyframes"},
 }
 
 
@@ -293,7 +329,10 @@ def parse_job(data: dict[str, Any], source: str = "<dict>") -> RenderJob:
     walks_raw = data.get("walk", [])
     if not isinstance(walks_raw, list) or not walks_raw:
         raise JobError("the job has no walks: add at least one [[walk]] table (see examples/quickstart.toml)")
-    walks = tuple(_parse_walk(w, i, parts["sampling"]) for i, w in enumerate(walks_raw))
+    from hpcwalk.walkparse import ParseContext, base_dir  # lazily: walkparse imports this module
+
+    ctx = ParseContext(parts["sampling"], parts["clip"].enabled, base_dir(source))
+    walks = tuple(_parse_walk(w, i, ctx) for i, w in enumerate(walks_raw))
     names = [w.name for w in walks]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -368,7 +407,10 @@ def _parse_seed(v: Any, where: str) -> NoiseKey:
     raise JobError(f"{where} seeds: {v!r} is not a seed; use a non-negative int or 'SEED:DRAW' like '1:1'")
 
 
-def _parse_walk(raw: Any, i: int, sampling: Sampling) -> Walk:
+def _parse_walk(raw: Any, i: int, ctx: Any) -> Walk:
+    from hpcwalk import walkparse
+
+    sampling = ctx.sampling
     where = f"[[walk]] #{i + 1}"
     if not isinstance(raw, dict):
         raise JobError(f"{where} must be a table")
@@ -382,7 +424,7 @@ def _parse_walk(raw: Any, i: int, sampling: Sampling) -> Walk:
     if not isinstance(name, str) or not name or "/" in name:
         raise JobError(f"{where}: name must be a non-empty string without '/'")
     body = {k: v for k, v in raw.items() if k not in ("kind", "name")}
-    _check_keys(body, _WALK_KEYS[kind] | {"seed"}, f"{where} (kind {kind!r})")
+    _check_keys(body, _WALK_KEYS[kind] | ({"seed"} if "seeds" in _WALK_KEYS[kind] else set()), f"{where} (kind {kind!r})")
     if "seed" in body:  # `seed = 3` is shorthand for `seeds = [3]`
         if "seeds" in body:
             raise JobError(f"{where}: give seed or seeds, not both")
@@ -395,6 +437,7 @@ def _parse_walk(raw: Any, i: int, sampling: Sampling) -> Walk:
         raise JobError(f"{where} seeds must be a list")
     body["seeds"] = tuple(_parse_seed(s, where) for s in seeds)
     _parse_walk_extras(body, kind, where)
+    walkparse.parse_keys(body, kind, where, ctx)  # images, keyframes, easing, pace, audio
     for key in ("prompts", "methods", "score_prompts"):
         if key in body:
             v = body[key]
@@ -402,8 +445,8 @@ def _parse_walk(raw: Any, i: int, sampling: Sampling) -> Walk:
                 raise JobError(f"{where} {key} must be a list of strings")
             body[key] = tuple(v)
     valid_methods = TEXT_METHODS if kind == "text" else METHODS
-    if kind in ("latent", "text"):
-        body.setdefault("methods", (valid_methods[0],) if kind == "text" else tuple(METHODS))
+    if kind in ("latent", "text", "images", "keyframes"):
+        body.setdefault("methods", {"text": (valid_methods[0],), "latent": tuple(METHODS)}.get(kind, ("slerp",)))
         for m in body["methods"]:
             if m not in valid_methods:
                 raise JobError(_choice_msg(f"{where} methods", m, valid_methods))
@@ -420,7 +463,7 @@ def _parse_walk(raw: Any, i: int, sampling: Sampling) -> Walk:
         if not ok or isinstance(v, bool):
             raise JobError(f"{where} {key} must be {'an int' if want is int else 'a ' + want.__name__}, got {v!r}")
     _check_walk(walk, where, sampling)
-    return walk
+    return walkparse.finish(walk, where, ctx)  # the new keys as a whole; audio gammas placed
 
 
 def _check_walk(w: Walk, where: str, s: Sampling) -> None:
@@ -442,13 +485,13 @@ def _check_walk(w: Walk, where: str, s: Sampling) -> None:
         raise JobError(f"{where}: give score_prompt or score_prompts, not both")
     if w.kind == "mix" and w.layout not in MIX_LAYOUTS:
         raise JobError(_choice_msg(f"{where} layout", w.layout, MIX_LAYOUTS))
-    if w.gammas and (n_seeds if w.kind == "latent" else n_prompts) != 2:
+    if w.gammas and {"latent": n_seeds, "images": len(w.images)}.get(w.kind, n_prompts) != 2:
         raise JobError(f"{where}: gammas = [...] is for walks between two keyframes; with more, use frames")
 
 
 def _parse_walk_extras(body: dict[str, Any], kind: str, where: str) -> None:
     """`gammas = [...]` (instead of `frames`): finite floats in [0, 1], strictly increasing, at least 2."""
-    if kind not in ("latent", "text"):
+    if kind not in ("latent", "text", "images"):
         return
     if "gammas" not in body:
         if "frames" not in body:
@@ -478,7 +521,7 @@ def parse_gammas(g: Any, where: str) -> tuple[float, ...]:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: ~350 bytes a row where a __dict__ of 30 fields took ~1,700
 class FrameRow:
     """Everything needed to render one frame, and its provenance. No tensors."""
 
@@ -499,6 +542,31 @@ class FrameRow:
     std: float | None = None  # std sweep
     score_prompt: str = ""  # the text CLIP scores against ("" here = `prompt`; resolved on construction)
     score_prompt_b: str | None = None  # text walks: the end prompt's scoring text (None here = `prompt_b`)
+    position: float | None = None  # the uniform place along the segment, i / (n - 1), before easing or pacing
+    easing: str = "linear"
+    easing_exponent: float | None = None  # None where easing is linear
+    pace: str = "uniform"  # uniform | even | audio
+    pace_pass: str = "final"  # even pacing: "coarse" (the measured pass) or "final"
+    reused_from: str | None = None  # even pacing: the coarse frame (same gamma) this final frame copies
+    time_s: float | None = None  # audio pacing: when the frame shows, audio_start + index / audio_fps
+    text_method: str | None = None  # keyframes walks: how the text embeddings are interpolated
+    image_path: str | None = None  # images walks: the segment's start image, as written in the job
+    image_path_b: str | None = None
+    image_sha256: str | None = None
+    image_sha256_b: str | None = None
+    reuse_shard: int | None = None  # even pacing: the shard holding `reused_from` (not a column)
+
+    @property
+    def stage(self) -> int:
+        """1 for the final rows of an even walk (rendered after the coarse pass), else 0."""
+        return 1 if self.pace == "even" and self.pace_pass == "final" else 0
+
+    def __getstate__(self) -> tuple:  # pickling (Ray ships shards) of a frozen slotted class, on 3.10 too
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def __setstate__(self, state: tuple) -> None:
+        for f, v in zip(dataclasses.fields(self), state):
+            object.__setattr__(self, f.name, v)
 
     def __post_init__(self) -> None:
         if not self.score_prompt:
@@ -521,26 +589,26 @@ class Shard:
 
 
 def plan(job: RenderJob) -> FramePlan:
-    """Expand every walk of the job into frame rows, in walk order."""
+    """Expand every walk of the job into frame rows, in walk order; the final rows of evenly paced walks
+    (stage 1: placed from the coarse pass) after all the others."""
+    from hpcwalk.placement import walk_rows  # lazily: placement imports this module
+
     rows: FramePlan = []
+    late: FramePlan = []
     for w in job.walks:
-        rows.extend(_plan_walk(w, job.latent_hw[1]))
-    return rows
+        walk = walk_rows(w, job.latent_hw[1])
+        if w.pace == "even":
+            late.extend(r for r in walk if r.stage)
+            walk = [r for r in walk if not r.stage]
+        rows.extend(walk)
+    return rows + late
 
 
 def plan_size(job: RenderJob) -> int:
     """The number of rows `plan(job)` returns, counted without building them."""
-    return sum(_walk_size(w, job.latent_hw[1]) for w in job.walks)
+    from hpcwalk.placement import walk_size
 
-
-def _walk_size(w: Walk, latent_w: int) -> int:
-    if w.kind == "latent":
-        return len(w.methods) * ((len(w.seeds) - 1) * (w.frames - 1) + 1)
-    if w.kind == "text":
-        return len(w.methods) * ((len(w.prompts) - 1) * (w.frames - 1) + 1)
-    if w.kind in ("translate", "mix"):
-        return len(range(0, latent_w, w.stride)) + 1
-    return w.frames if w.kind == "std" else len(w.prompts)
+    return sum(walk_size(w, job.latent_hw[1]) for w in job.walks)
 
 
 def _segments(frames: int, keyframes: int, gammas: Sequence[float] = ()) -> list[tuple[int, float]]:
@@ -562,48 +630,13 @@ def _scoring(w: Walk, k: int) -> str:
     return w.score_prompt or (w.prompts[k] if w.prompts else w.prompt)
 
 
-def _plan_walk(w: Walk, latent_w: int) -> FramePlan:
-    s0 = w.seeds[0]
-    if w.kind in ("latent", "text"):
-        keys = w.seeds if w.kind == "latent" else w.prompts
-        rows = []
-        for m in w.methods:
-            for i, (k, g) in enumerate(_segments(w.frames, len(keys), w.gammas)):
-                ends = dict(seed=s0.seed, draw=s0.draw, prompt=w.prompts[k] if w.kind == "text" else w.prompt,
-                            score_prompt=_scoring(w, k))
-                if w.kind == "latent":
-                    a, b = w.seeds[k], w.seeds[k + 1]
-                    ends.update(seed=a.seed, draw=a.draw, seed_b=b.seed, draw_b=b.draw)
-                else:
-                    ends.update(prompt_b=w.prompts[k + 1], score_prompt_b=_scoring(w, k + 1))
-                rows.append(FrameRow(f"{w.name}/{m}/{i:05d}", w.name, w.kind, m, i, k, gamma=g, **ends))
-        return rows
-    if w.kind in ("translate", "mix"):
-        ts = list(range(0, latent_w, w.stride)) + [latent_w]
-        b = w.seeds[1]
-        method = w.layout if w.kind == "mix" else ""  # a mix walk's "method" is its layout
-        return [
-            FrameRow(f"{w.name}/{w.kind}/{i:05d}", w.name, w.kind, method, i, 0, s0.seed, s0.draw, w.prompt,
-                     seed_b=b.seed, draw_b=b.draw, t=t, score_prompt=_scoring(w, 0))
-            for i, t in enumerate(ts)
-        ]
-    if w.kind == "std":
-        stds = [w.std_min + (w.std_max - w.std_min) * i / (w.frames - 1) for i in range(w.frames)]
-        return [
-            FrameRow(f"{w.name}/std/{i:05d}", w.name, w.kind, "", i, 0, s0.seed, s0.draw, w.prompt, std=v,
-                     score_prompt=_scoring(w, 0))
-            for i, v in enumerate(stds)
-        ]
-    # prompts: one latent under several prompts
-    return [
-        FrameRow(f"{w.name}/prompts/{i:05d}", w.name, w.kind, "", i, 0, s0.seed, s0.draw, p,
-                 score_prompt=_scoring(w, i))
-        for i, p in enumerate(w.prompts)
-    ]
-
-
 def shard(rows: FramePlan, size: int) -> list[Shard]:
-    """Cut the plan into consecutive shards of `size` rows (the last may be shorter)."""
+    """Cut the plan into consecutive shards of `size` rows (the last may be shorter); the stage-1 rows at the
+    plan's end (final rows of evenly paced walks) start a shard of their own, numbered after the others."""
     if size < 1:
         raise JobError(f"shard size must be >= 1, got {size}")
-    return [Shard(i, tuple(rows[j : j + size])) for i, j in enumerate(range(0, len(rows), size))]
+    split = len(rows)
+    while split > 0 and rows[split - 1].stage:
+        split -= 1
+    out = [Shard(i, tuple(rows[j : min(j + size, split)])) for i, j in enumerate(range(0, split, size))]
+    return out + [Shard(len(out) + i, tuple(rows[j : j + size])) for i, j in enumerate(range(split, len(rows), size))]

@@ -17,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
+from hpcwalk.validate import MAX_SEGMENT_FRAMES  # noqa: F401  (the bound lives with the others)
+
 if TYPE_CHECKING:  # annotations only: job.py may import this module without a cycle
     from hpcwalk.job import NoiseKey
-
-MAX_SEGMENT_FRAMES = 100_000
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,11 @@ from typing import Literal
 
 import numpy as np
 
+from hpcwalk.validate import EXPONENT_RANGE  # noqa: F401  (beyond it the curve puts almost every frame at one end)
+from hpcwalk.validate import MAX_AUDIO_FPS as MAX_FPS
+
 EASINGS = ("linear", "ease-in", "ease-out", "ease-in-out")
 Easing = Literal["linear", "ease-in", "ease-out", "ease-in-out"]
-EXPONENT_RANGE = (1 / 16, 16.0)  # beyond this the curve puts almost every frame at one end
 
 PACE_METHODS = ("pchip", "linear")
 PaceMethod = Literal["pchip", "linear"]
@@ -35,7 +37,6 @@ BANDS_PER_OCTAVE = 12  # log-spaced bands of the onset strength
 BANDS_FMIN = 30.0  # Hz: lowest band edge (below: rumble, DC)
 LOG_SCALE = 1000.0  # log(1 + LOG_SCALE a / max a): linear about 60 dB below the loudest band, log above
 MAX_AUDIO_S = 3 * 3600.0  # longest audio decoded (3 hours)
-MAX_FPS = 240.0
 
 
 def _finite(x: float, what: str) -> float:

@@ -152,6 +152,10 @@ class RenderWorker:
     def ready(self) -> WorkerInfo:
         return self.info
 
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(renderer, *args) on this worker (once-per-run work such as inverting image endpoints)."""
+        return fn(self.renderer, *args)
+
     def render(self, shard: Shard, uri: str) -> ShardResult:
         """Render and commit one shard into the run folder at `uri` (opened by the driver)."""
         try:
@@ -201,6 +205,19 @@ class RayExecutor:
 
     def worker_labels(self) -> dict[str, str]:
         return {n: i.label() for n, i in {**self.dead, **self.workers}.items()}
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(renderer, *args) on the first live worker, waited for (after `start`). A worker that dies
+        meanwhile stops the run with ExecutorError (nothing is half-written: the work stores atomically)."""
+        import ray
+
+        name = min(self.workers, key=lambda n: (len(n), n))
+        try:
+            return ray.get(self._handles[name].call.remote(fn, *args))
+        except ray.exceptions.RayActorError as e:
+            raise ExecutorError(f"worker {name} died while preparing the run ({_first_line(e)}): rerun the command") from None
+        except ray.exceptions.RayTaskError as e:
+            raise e.as_instanceof_cause() from None
 
     def running(self) -> dict[str, int]:
         """Worker name -> index of the shard it is rendering now."""

@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hpcwalk.job import FrameRow, NoiseKey, OutputSpec, RenderJob, Sampling, Walk, plan, shard
+from hpcwalk.job import NoiseKey, OutputSpec, RenderJob, Sampling, Shard, Walk, plan, shard
+from hpcwalk.keyframes import Keyframe
 from hpcwalk.store import (
     DEFAULT_LEVEL,
     StoreError,
@@ -153,16 +154,26 @@ def open_run(uri: str, level: VerifyLevel = DEFAULT_LEVEL) -> RunIndex:
     # 3. what the job planned, and which of its shards are not committed
     job, note = _job_from_run(run)
     rows = plan(job) if job else []
-    note = note or _check_plan(table, rows, job.output.shard_size)
+    cut = shard(rows, job.output.shard_size) if job else []
+    note = note or _check_plan(table, cut)
     job = None if note else job
-    idx = RunIndex(uri, run, files, table, job, plan_note=note)
+    idx = RunIndex(uri, run, files, _final_frames(table), job, plan_note=note)
     if job is not None:
         for r in rows:
-            idx.planned.setdefault(r.walk, {}).setdefault(r.method, []).append(r.index)
-        expected = {s.index for s in shard(rows, job.output.shard_size)}
+            if r.pace_pass != "coarse":
+                idx.planned.setdefault(r.walk, {}).setdefault(r.method, []).append(r.index)
+        expected = {s.index for s in cut}
         idx.total_shards = len(expected)
         idx.missing_shards = sorted(expected - committed)
     return idx
+
+
+def _final_frames(table: pa.Table) -> pa.Table:
+    """The walks as they are shown: the coarse pass of evenly paced walks (pace_pass "coarse", the frames
+    their final gammas were measured on) left out; runs written before pace_pass existed keep every row."""
+    if "pace_pass" not in table.column_names:
+        return table
+    return table.filter(pc.invert(pc.fill_null(pc.equal(table.column("pace_pass"), "coarse"), False)))
 
 
 def _small_columns(uri: str, path: str, fs) -> pa.Table | None:
@@ -199,10 +210,20 @@ def iter_images(index: RunIndex, track: Track) -> Iterator[tuple[int, bytes]]:
         i = j
 
 
+PARAM_COLUMNS = ("index", "gamma", "t", "std", "prompt", "segment", "time_s")  # what `param_text` reads
+
+
+def param_rows(rows: pa.Table) -> list[dict[str, Any]]:
+    """The `param_text` columns of a track's rows (time_s only where the run has it), as dicts."""
+    return rows.select([c for c in PARAM_COLUMNS if c in rows.column_names]).to_pylist()
+
+
 def param_text(kind: str, row: dict[str, Any], segments: int = 1) -> str:
-    """The walk parameter of one frame row: 'gamma 0.333', 'seg 2/3 gamma 0.500', 't 5', 'std 0.750', a prompt."""
-    if kind in ("latent", "text"):
-        return (f"seg {row['segment'] + 1}/{segments} " if segments > 1 else "") + f"gamma {row['gamma']:.3f}"
+    """The walk parameter of one frame row: 'gamma 0.333', 'seg 2/3 gamma 0.500', 't 5', 'std 0.750', a prompt;
+    an audio-timed frame adds its time ('gamma 0.412 at 1.20 s')."""
+    if kind in ("latent", "text", "images", "keyframes"):
+        at = f" at {row['time_s']:.2f} s" if row.get("time_s") is not None else ""
+        return (f"seg {row['segment'] + 1}/{segments} " if segments > 1 else "") + f"gamma {row['gamma']:.3f}{at}"
     if kind in ("translate", "mix"):
         return f"t {row['t']}"
     if kind == "std":
@@ -242,10 +263,10 @@ def _job_from_run(run: dict[str, Any]) -> tuple[RenderJob | None, str]:
     """Rebuild from run.json the parts of the job that decide the plan (walks, size, shard cut)."""
     try:
         d = run["job"]
-        walks = tuple(Walk(**{**_known(Walk, w), "prompts": tuple(w["prompts"]), "methods": tuple(w["methods"]),
+        walks = tuple(Walk(**{**{k: tuple(v) if isinstance(v, list) else v for k, v in _known(Walk, w).items()},
                               "seeds": tuple(NoiseKey(**s) for s in w["seeds"]),
-                              "score_prompts": tuple(w.get("score_prompts", ())),
-                              "gammas": tuple(w.get("gammas", ()))}) for w in d["walks"])
+                              "keyframes": tuple(Keyframe(k["prompt"], NoiseKey(**k["seed"]), k["frames"])
+                                                 for k in w.get("keyframes", ()))}) for w in d["walks"])
         return RenderJob(sampling=Sampling(**_known(Sampling, d["sampling"])),
                          output=OutputSpec(**_known(OutputSpec, d["output"])), walks=walks), ""
     except (KeyError, TypeError, ValueError) as e:
@@ -257,9 +278,9 @@ def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k in names}
 
 
-def _check_plan(table: pa.Table, rows: list[FrameRow], shard_size: int) -> str:
+def _check_plan(table: pa.Table, cut: list[Shard]) -> str:
     """'' when every committed frame sits in the shard the rebuilt plan puts it in, else the first mismatch."""
-    where = {r.frame_id: k // shard_size for k, r in enumerate(rows)}
+    where = {r.frame_id: s.index for s in cut for r in s.rows}
     for fid, s in zip(table.column("frame_id").to_pylist(), table.column("shard").to_pylist()):
         if where.get(fid) != s:
             return (f"frame {fid!r} is committed in shard {s}, but the job in run.json plans "

@@ -73,6 +73,18 @@ PROVENANCE_FIELDS = [
     pa.field("std", pa.float64()),
     pa.field("score_prompt", pa.string(), nullable=False),  # the text clip_score is scored against
     pa.field("score_prompt_b", pa.string()),  # text walks: the text clip_score_b is scored against
+    pa.field("position", pa.float64()),  # the uniform place along the segment before easing or pacing
+    pa.field("easing", pa.string(), nullable=False),
+    pa.field("easing_exponent", pa.float64()),
+    pa.field("pace", pa.string(), nullable=False),
+    pa.field("pace_pass", pa.string(), nullable=False),  # even pacing: coarse | final
+    pa.field("reused_from", pa.string()),  # even pacing: the coarse frame id this frame copies
+    pa.field("time_s", pa.float64()),  # audio pacing: when the frame shows
+    pa.field("text_method", pa.string()),  # keyframes walks
+    pa.field("image_path", pa.string()),  # images walks: the segment's endpoint files as written in the job
+    pa.field("image_path_b", pa.string()),
+    pa.field("image_sha256", pa.string()),
+    pa.field("image_sha256_b", pa.string()),
 ]
 FRAME_FIELDS = [
     pa.field("shard", pa.int32(), nullable=False),

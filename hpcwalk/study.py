@@ -41,7 +41,7 @@ from hpcwalk.job import METHODS
 from hpcwalk.job import JobError, RenderJob, parse_gammas, parse_job, plan, read_toml
 
 STUDY_KEYS = {"prompt", "prompts", "pairs", "first_seed", "methods", "frames", "bootstrap", "confidence",
-              "score_prompt", "score_prompts", "gammas", "bins", "lpips"}
+              "score_prompt", "score_prompts", "gammas", "bins", "lpips", "easing", "easing_exponent"}
 SMOOTHNESS = ("path_length", "max_step", "mean_step", "step_std", "step_cv")
 
 
@@ -63,13 +63,19 @@ class StudySpec:
     gammas: tuple[float, ...] = ()  # explicit gammas (() = i / (frames - 1))
     bins: int = 5  # gamma bins for KID
     lpips: str = "auto"  # LPIPS backbone (pixelsteps.LPIPS_NETS)
+    easing: str = "linear"  # every walk's gammas eased (pacing.ease): the grid becomes ease(i / (frames - 1))
+    easing_exponent: float = 2.0
 
     def scoring(self, k: int) -> str:
         return self.score_prompts[k] if self.score_prompts else self.prompts[k]
 
     def gamma(self) -> np.ndarray:
-        """The walks' gamma grid (frames,)."""
-        return np.asarray(self.gammas) if self.gammas else np.linspace(0.0, 1.0, self.frames)
+        """The walks' gamma grid (frames,): the explicit gammas, or i / (frames - 1) eased by `easing`."""
+        if self.gammas:
+            return np.asarray(self.gammas)
+        from hpcwalk.pacing import ease
+
+        return ease(np.linspace(0.0, 1.0, self.frames), self.easing, self.easing_exponent)
 
     def walk_name(self, pair: int, prompt: int) -> str:
         return f"pair{pair:05d}" if len(self.prompts) == 1 else f"pair{pair:05d}-prompt{prompt:02d}"
@@ -105,6 +111,8 @@ def parse_study(data: dict[str, Any], source: str = "<dict>") -> Study:
     if isinstance(clip, dict) and clip.get("enabled", True) is False:
         raise JobError("[clip] enabled = false: a study needs CLIP scores; remove the line")
     grid = {"gammas": list(spec.gammas)} if spec.gammas else {"frames": spec.frames}
+    if spec.easing != "linear":
+        grid.update(easing=spec.easing, easing_exponent=spec.easing_exponent)
     walks = [{"name": name, "kind": "latent", "prompt": spec.prompts[k], "score_prompt": spec.scoring(k),
               "seeds": [f"{spec.first_seed + i}:0", f"{spec.first_seed + i}:1"],
               "methods": list(spec.methods), **grid} for name, i, k in spec.units()]
@@ -113,6 +121,10 @@ def parse_study(data: dict[str, Any], source: str = "<dict>") -> Study:
 
 
 def _parse_spec(raw: dict[str, Any]) -> StudySpec:
+    if "pace" in raw:
+        raise JobError("[study] pace: a study keeps one gamma grid for every seed pair (its score curves and KID bins "
+                       "are per gamma), which even and audio pacing would move walk by walk: pace them in [[walk]] "
+                       "tables; easing = ... works in [study]")
     for key in raw:
         if key not in STUDY_KEYS:
             close = difflib.get_close_matches(key, sorted(STUDY_KEYS), n=1)
@@ -156,8 +168,18 @@ def _parse_spec(raw: dict[str, Any]) -> StudySpec:
 
     if lpips not in LPIPS_NETS:
         raise JobError(f"[study] lpips: unknown value {lpips!r}; choose one of {', '.join(LPIPS_NETS)}")
+    easing, exponent = raw.get("easing", "linear"), raw.get("easing_exponent", 2.0)
+    if not isinstance(easing, str) or isinstance(exponent, bool) or not isinstance(exponent, (int, float)):
+        raise JobError(f"[study] easing must be a string and easing_exponent a number, got {easing!r}, {exponent!r}")
+    from hpcwalk.pacing import EASINGS
+
+    if easing not in EASINGS:
+        raise JobError(f"[study] easing: unknown value {easing!r}; choose one of {', '.join(EASINGS)}")
+    validate.bounded("[study] easing_exponent", exponent, *validate.EXPONENT_RANGE, "2 is quadratic")
+    if gammas and easing != "linear":
+        raise JobError("[study]: gammas = [...] places the frames itself: drop easing (or gammas)")
     return StudySpec(tuple(prompts), methods=tuple(methods), confidence=conf, score_prompts=scoring, gammas=gammas,
-                     lpips=lpips, **vals)
+                     lpips=lpips, easing=easing, easing_exponent=float(exponent), **vals)
 
 
 def _parse_scoring(raw: dict[str, Any], prompts: list[str]) -> tuple[str, ...]:

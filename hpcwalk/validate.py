@@ -49,13 +49,20 @@ MAX_PROMPT_CHARS = 10_000  # the text encoder reads 77 tokens (about 300 charact
 MAX_NAME_CHARS = 1000  # walk names (files get a safe name: store.safe_filename)
 MAX_TEXT_CHARS = 4096  # model ids, revisions, CLIP names and tags, devices
 MAX_PLAN_FRAMES = 100_000_000  # frames in one job (the driver holds the whole plan)
-PLAN_BYTES_PER_FRAME = 400  # measured 353-364 bytes per plan row and shard entry (tracemalloc)
+PLAN_BYTES_PER_FRAME = 450  # measured 394-424 bytes per plan row (30 slotted fields) and shard entry (tracemalloc)
 PLAN_BYTES_PER_WALK = 2048  # a Walk, its table and its share of run.json
 MAX_BOOTSTRAP = 100_000  # [study] bootstrap resamples (the default is 10,000)
 MAX_CLIP_BATCH = 4096  # `hpcwalk score --batch-size`
 MEMORY_SHARE = 0.5  # the plan may use at most this share of the memory available now
 SD_VAE_CHANNELS = 128  # the VAE decoder's channels at full resolution in every SD 1.x checkpoint
 TOKEN_LIMIT = 77  # CLIP's text context, SD 1.x's prompt length in tokens
+LEADING_MAX_STEPS = 999  # ddim, pndm: "leading" timesteps with SD's steps_offset = 1 reach timestep 1000 at 1000 steps
+MAX_IMAGES = 1000  # images of one walk: each is DDIM-inverted, (1 + invert_refine) x steps UNet calls, before rendering
+MAX_KEYFRAMES = 100_000  # keyframes of one walk
+MAX_SEGMENT_FRAMES = 100_000  # frames of one keyframe segment (hpcwalk.keyframes)
+MAX_INVERT_REFINE = 20  # fixed-point iterations per inversion step (hpcwalk.invert.MAX_REFINE)
+EXPONENT_RANGE = (1 / 16, 16.0)  # easing_exponent (hpcwalk.pacing.EXPONENT_RANGE)
+MAX_AUDIO_FPS = 240.0  # audio_fps (hpcwalk.pacing.MAX_FPS)
 
 
 def bounded(where: str, value: Any, low: float | None = None, high: float | None = None, why: str = "") -> None:
@@ -87,6 +94,10 @@ def _num(v: Any) -> str:
 
 def check_sampling(s: "Sampling") -> None:
     bounded("[sampling] steps", s.steps, 1, MAX_STEPS, f"the scheduler has {MAX_STEPS} training timesteps")
+    if s.scheduler in ("ddim", "pndm"):
+        bounded("[sampling] steps", s.steps, 1, LEADING_MAX_STEPS,
+                f"for scheduler {s.scheduler!r}: SD's steps_offset = 1 puts the last of 1000 steps at timestep 1000, "
+                "past the 1000 training timesteps")
     bounded("[sampling] guidance", s.guidance, 0, MAX_GUIDANCE, "classifier-free guidance scale; the study uses 7.5")
     check_text("[sampling] negative_prompt", s.negative_prompt, MAX_PROMPT_CHARS, nul=True)
     for name in ("height", "width"):
@@ -135,11 +146,74 @@ def check_walk(w: "Walk", where: str, latent_w: int) -> None:
         raise JobError(f"{where}: frames must be >= 2 (both ends are frames), got {w.frames}")
     if w.kind in ("translate", "mix") and not 1 <= w.stride <= latent_w:
         raise JobError(f"{where}: stride must be in 1..{latent_w} (the latent width), got {w.stride}")
+    if w.kind == "images" and w.frames < 2:
+        raise JobError(f"{where}: frames must be >= 2 (both ends are frames), got {w.frames}")
     if w.kind == "std":
         bounded(f"{where} std_min", w.std_min, None, MAX_STD, "a scale of z_T ~ N(0, I)")
         bounded(f"{where} std_max", w.std_max, None, MAX_STD, "a scale of z_T ~ N(0, I)")
         if not 0 <= w.std_min <= w.std_max:
             raise JobError(f"{where}: need 0 <= std_min <= std_max, got {w.std_min}, {w.std_max}")
+
+
+def check_segment_frames(where: str, frames: int) -> None:
+    """A keyframe segment's frames, both ends included: 2..MAX_SEGMENT_FRAMES."""
+    if not 2 <= frames <= MAX_SEGMENT_FRAMES:
+        raise JobError(f"{where} must be in 2..{MAX_SEGMENT_FRAMES:,} (the segment's frames, both ends included), "
+                       f"got {frames:,}")
+
+
+def check_timing(w: "Walk", where: str) -> None:
+    """Easing and pacing values: exponent in EXPONENT_RANGE, the coarse pass within the segment, audio numbers."""
+    lo, hi = EXPONENT_RANGE
+    bounded(f"{where} easing_exponent", w.easing_exponent, lo, hi, "2 is quadratic; beyond 16 every frame sits at one end")
+    if w.pace == "even" and w.pace_coarse != 0:
+        fewest = min(k.frames for k in w.keyframes[:-1]) if w.kind == "keyframes" else w.frames
+        if not 2 <= w.pace_coarse <= fewest:
+            raise JobError(f"{where} pace_coarse must be 0 (automatic) or in 2..{fewest} (the coarse pass has at most "
+                           f"a segment's frames), got {w.pace_coarse}")
+    if w.pace == "audio":
+        bounded(f"{where} audio_fps", w.audio_fps, None, MAX_AUDIO_FPS, "frames per second of the video")
+        if not w.audio_fps > 0:
+            raise JobError(f"{where} audio_fps must be > 0 (frames per second of the video), got {w.audio_fps:g}")
+        bounded(f"{where} audio_start", w.audio_start, 0, None)
+        bounded(f"{where} audio_floor", w.audio_floor, None, 1.0, "the slowest pace, as a share of the mean")
+        if not w.audio_floor > 0:
+            raise JobError(f"{where} audio_floor must be > 0 (0 would freeze the walk between onsets), got {w.audio_floor:g}")
+
+
+def check_inversion_settings(w: "Walk", where: str) -> None:
+    bounded(f"{where} invert_guidance", w.invert_guidance, 0, MAX_GUIDANCE, "guidance of the inversion; 0 is none")
+    if not 0 <= w.invert_refine <= MAX_INVERT_REFINE:
+        raise JobError(f"{where} invert_refine must be in 0..{MAX_INVERT_REFINE} (fixed-point iterations per "
+                       f"inversion step), got {w.invert_refine}")
+
+
+def check_image_file(where: str, path: Any, height: int, width: int) -> tuple[str, Any]:
+    """An image endpoint's file: there, an image Pillow reads, a mode with a faithful RGB conversion, at most
+    64 MP; returns its sha256 and the (height, width, 3) uint8 frame hpcwalk.imagefile.load_image fits it to."""
+    from hpcwalk.imagefile import ImageError, image_sha256, load_image
+
+    try:
+        fitted = load_image(path, height, width)
+        return image_sha256(path), fitted
+    except ImageError as e:
+        raise JobError(f"{where}: {e}") from None
+    except OSError as e:
+        raise JobError(f"{where}: {str(path)!r} cannot be read ({e.strerror or e}): check its permissions") from None
+
+
+def check_audio_file(where: str, path: Any) -> tuple[str, Any]:
+    """An audio file to time a walk to: decodable by PyAV, with samples, at most 3 hours; returns (sha256, onsets)."""
+    from hpcwalk.imagefile import image_sha256
+    from hpcwalk.pacing import AudioError, decode_audio, onset_strength
+
+    try:
+        onsets = onset_strength(decode_audio(path))  # first: its errors name what is wrong with the file
+        return image_sha256(path), onsets
+    except AudioError as e:
+        raise JobError(f"{where}: {e}") from None
+    except OSError as e:
+        raise JobError(f"{where}: {str(path)!r} cannot be read ({e.strerror or e}): check its permissions") from None
 
 
 def check_plan_size(frames: int, walks: int, where: str = "the job") -> None:
@@ -259,8 +333,14 @@ class RenderPlan:
 
     def describe(self) -> str:
         size = max((len(s.rows) for s in self.shards), default=0)
+        late = sum(1 for r in self.rows if r.stage)
+        images = sum(len(w.images) for w in self.job.walks if w.kind == "images")
+        extra = ((f"; even pacing: {sum(1 for r in self.rows if r.pace_pass == 'coarse'):,} coarse frames first, "
+                  f"then {late:,} final frames in {sum(1 for s in self.shards if s.rows and s.rows[0].stage):,} "
+                  "shards placed from them") if late else "")
+        extra += f"; {images:,} endpoint images inverted before rendering (cached in the run)" if images else ""
         return (f"{len(self.rows):,} frames in {len(self.shards):,} shards of up to {size:,}, micro-batch "
-                f"{self.job.render.batch_size}, plan about {_gib(len(self.rows) * PLAN_BYTES_PER_FRAME)}")
+                f"{self.job.render.batch_size}, plan about {_gib(len(self.rows) * PLAN_BYTES_PER_FRAME)}{extra}")
 
 
 def prepare_render(job: "RenderJob", out: str, overwrite: bool = False, executor: Any = None) -> RenderPlan:
@@ -334,7 +414,8 @@ def truncated_prompts(job: "RenderJob") -> list[str]:
     if job.sampling.guidance > 1.0:
         prompts.setdefault(job.sampling.negative_prompt, "[sampling] negative_prompt")
     for w in job.walks:
-        for p in w.prompts if w.kind in ("text", "prompts") else (w.prompt,):
+        texts = w.prompts if w.kind in ("text", "prompts") else [k.prompt for k in w.keyframes] or (w.prompt,)
+        for p in texts:
             prompts.setdefault(p, f"[[walk]] {w.name!r}")
     out = []
     for p, where in prompts.items():

@@ -21,7 +21,7 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from hpcwalk.runindex import RunIndex, Track, iter_images, param_text
+from hpcwalk.runindex import RunIndex, Track, iter_images, param_rows, param_text
 from hpcwalk.store import safe_filename, target_error
 
 
@@ -52,6 +52,8 @@ class VideoOptions:
     fps: float = 30.0
     crf: int = 18  # mp4 (libx264, 0-51) and webm (libvpx-vp9, 0-63): lower is better; webp and gif ignore it
     labels: bool = True  # method names above the panels, the walk parameter below
+    audio: str | None = None  # an audio file muxed in (mp4: AAC, webm: Opus), from audio_start, as long as the video
+    audio_start: float = 0.0  # seconds into the audio where the first frame shows
 
 
 @dataclass
@@ -68,10 +70,12 @@ class VideoResult:
     format: str
     seconds: float
     missing: list[str] = field(default_factory=list)  # gaps of the partial run, one line each
+    audio: str | None = None  # the audio muxed in
 
     def describe(self) -> str:
+        sound = f", audio {self.audio}" if self.audio else ""
         return (f"wrote {self.path}: walk {self.walk!r}, {self.frames} frames, {self.width}x{self.height}, "
-                f"{self.fps:g} fps, {self.format}, panels {', '.join(self.panels)} ({self.seconds:.1f} s)")
+                f"{self.fps:g} fps, {self.format}, panels {', '.join(self.panels)}{sound} ({self.seconds:.1f} s)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,7 +93,77 @@ def check_options(opts: VideoOptions) -> Format:
         raise VideoError(f"--fps must be in (0, 240], got {opts.fps:g}")
     if fmt.crf_max is not None and not 0 <= opts.crf <= fmt.crf_max:
         raise VideoError(f"--crf for {opts.format} must be in 0..{fmt.crf_max}, got {opts.crf}")
+    if opts.audio is not None:
+        from hpcwalk.audiomux import AUDIO_CODECS, AudioMuxError, check_audio
+
+        if opts.format not in AUDIO_CODECS:
+            raise VideoError(f"--format {opts.format} has no audio track: use mp4 or webm, or --no-audio")
+        if not (0 <= opts.audio_start < float("inf")):
+            raise VideoError(f"--audio-start must be a finite number of seconds >= 0, got {opts.audio_start:g}")
+        require_encoder(AUDIO_CODECS[opts.format][0], opts.format)
+        try:
+            check_audio(opts.audio)
+        except AudioMuxError as e:
+            raise VideoError(f"--audio: {e}") from None
     return fmt
+
+
+@dataclass(frozen=True)
+class WalkAudio:
+    """The audio a walk is timed to (pace = "audio"), as its job recorded it."""
+
+    path: str  # resolved against the job file's folder
+    written: str  # as written in the job
+    sha256: str
+    fps: float
+    start: float
+
+
+def walk_audio(index: RunIndex, walk: str) -> WalkAudio | None:
+    """The walk's audio (None unless it is audio-paced): its path relative to the job file run.json names."""
+    from hpcwalk.walkparse import base_dir, resolve
+
+    w = next((x for x in (index.job.walks if index.job else ()) if x.name == walk), None)
+    if w is None or w.pace != "audio":
+        return None
+    path = resolve(base_dir(str(index.run.get("source") or "")), w.audio)
+    return WalkAudio(str(path), w.audio, w.audio_sha256, w.audio_fps, w.audio_start)
+
+
+def walk_options(index: RunIndex, walk: str, opts: VideoOptions, fps: float | None = None, audio: str | None = None,
+                 audio_start: float | None = None, no_audio: bool = False) -> VideoOptions:
+    """The options for one walk's video: an audio-paced walk plays at its audio_fps with its audio (from its
+    audio_start) unless --no-audio or another --audio; --fps must then agree with the walk's timing."""
+    import dataclasses
+
+    if no_audio and audio is not None:
+        raise VideoError("--audio and --no-audio contradict each other: give one")
+    timed = walk_audio(index, walk)
+    if timed is not None and fps is not None and fps != timed.fps:
+        raise VideoError(f"walk {walk!r} is timed to its audio at {timed.fps:g} fps: drop --fps (or pass --fps "
+                         f"{timed.fps:g})")
+    rate = fps if fps is not None else timed.fps if timed else 30.0
+    if no_audio or (audio is None and timed is None):
+        return dataclasses.replace(opts, fps=rate, audio=None)
+    if audio is None:  # the walk's own audio
+        if not os.path.isfile(timed.path):
+            raise VideoError(f"walk {walk!r} is timed to audio {timed.written!r} ({timed.path}), which is not there: "
+                             "pass --audio FILE, or --no-audio")
+        if opts.format not in ("mp4", "webm"):
+            raise VideoError(f"walk {walk!r} is timed to audio, and --format {opts.format} has no audio track: use "
+                             "mp4 or webm, or pass --no-audio")
+        from hpcwalk.imagefile import image_sha256
+
+        if image_sha256(timed.path) != timed.sha256:
+            import warnings
+
+            from hpcwalk.store import RunWarning
+
+            warnings.warn(RunWarning(f"walk {walk!r}: {timed.path} is not the audio the walk was timed to (its "
+                                     "sha256 differs); muxing it anyway"), stacklevel=2)
+        return dataclasses.replace(opts, fps=rate, audio=timed.path,
+                                   audio_start=timed.start if audio_start is None else audio_start)
+    return dataclasses.replace(opts, fps=rate, audio=audio, audio_start=audio_start or 0.0)
 
 
 def require_encoder(codec: str, fmt: str) -> None:
@@ -223,8 +297,7 @@ def write_video(index: RunIndex, walk: str, out: str | None = None, methods: Seq
     layout = Layout([t.label for t in tracks], w, h, opts.labels)
     rows = {}
     for t in reversed(tracks):
-        rows.update({r["index"]: r for r in t.rows.select(["index", "gamma", "t", "std", "prompt", "segment"])
-                     .to_pylist()})
+        rows.update({r["index"]: r for r in param_rows(t.rows)})
     positions = sorted(rows)
     segments = 1 + max(r["segment"] for r in rows.values())
     # 3. encode under a temporary name, then rename into place
@@ -235,6 +308,11 @@ def write_video(index: RunIndex, walk: str, out: str | None = None, methods: Seq
         with av.open(tmp, "w", format=fmt.container, options=fmt.container_options) as container:
             stream = container.add_stream(fmt.codec, rate=rate, options=_codec_options(fmt, opts))
             stream.width, stream.height, stream.pix_fmt = layout.width, layout.height, fmt.pix_fmt
+            sound = None
+            if opts.audio is not None:  # interleaved: audio up to each frame's end is muxed after the frame
+                from hpcwalk.audiomux import AudioTrack
+
+                sound = AudioTrack(container, opts.audio, opts.format, opts.audio_start, len(positions) / float(rate))
             frames = 0
             for k, images in enumerate(_aligned(index, tracks, positions)):
                 text = f"{param_text(tracks[0].kind, rows[positions[k]], segments)}  {k + 1}/{len(positions)}"
@@ -244,18 +322,24 @@ def write_video(index: RunIndex, walk: str, out: str | None = None, methods: Seq
                 for packet in stream.encode(frame):
                     container.mux(packet)
                 frames += 1
+                if sound is not None:
+                    sound.mux_until(container, frames / float(rate))
             for packet in stream.encode():
                 container.mux(packet)
+            if sound is not None:
+                sound.finish(container)
         os.replace(tmp, out)
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError):
             raise target_error(e, out) from e  # a full disk: the file meant, not the temporary name
+        if type(e).__name__ == "AudioMuxError":  # hpcwalk.audiomux, imported only when muxing
+            raise VideoError(f"--audio {opts.audio!r}: {e}") from None
         raise
     played = 100 / round(100 / float(rate)) if fmt.container == "gif" else float(rate)  # GIF delays: 1/100 s
     return VideoResult(out, walk, [t.label for t in tracks], frames, layout.width, layout.height, played,
-                       opts.format, time.perf_counter() - t0, index.missing_report())
+                       opts.format, time.perf_counter() - t0, index.missing_report(), opts.audio)
 
 
 def _codec_options(fmt: Format, opts: VideoOptions) -> dict[str, str]:

@@ -69,7 +69,7 @@ def test_inversion_equals_diffusers_diffedit_invert(tiny, unit_latent, guidance)
     ref = pipe.invert(image=unit_latent, prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=10,
                       inpaint_strength=1.0, guidance_scale=max(guidance, 1.0), num_reg_steps=0,
                       output_type="latent").latents[:, 0]  # (1, 4, h, w): the noisiest of its trajectory
-    ours = ddim_invert(tiny, unit_latent, cond, 10, guidance, uncond)
+    ours = ddim_invert(r, unit_latent, cond, 10, guidance, uncond)
     print(f"guidance {guidance}: max abs diff vs DiffEdit {float((ours - ref).abs().max()):.2e}")
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
@@ -93,7 +93,7 @@ def test_round_trip_exact_for_a_constant_eps(tiny, unit_latent):
     for steps in (3, 10):
         r = _renderer(c, steps)
         cond = r.encode_prompt(PROMPT)[None]
-        back = r.denoise(ddim_invert(c, unit_latent, cond, steps), cond)
+        back = r.denoise(ddim_invert(r, unit_latent, cond, steps), cond)
         print(f"constant eps, {steps} steps: relative error {_rel(back, unit_latent):.1e}")
         assert _rel(back, unit_latent) < 1e-5
 
@@ -108,10 +108,10 @@ def test_round_trip_tiny_float32(tiny, unit_latent):
     """
     r = _renderer(tiny, 50)
     cond = r.encode_prompt(PROMPT)[None]
-    refined = _rel(r.denoise(ddim_invert(tiny, unit_latent, cond, 50, refine=5), cond), unit_latent)
-    plain50 = _rel(r.denoise(ddim_invert(tiny, unit_latent, cond, 50), cond), unit_latent)
+    refined = _rel(r.denoise(ddim_invert(r, unit_latent, cond, 50, refine=5), cond), unit_latent)
+    plain50 = _rel(r.denoise(ddim_invert(r, unit_latent, cond, 50), cond), unit_latent)
     r10 = _renderer(tiny, 10)
-    plain10 = _rel(r10.denoise(ddim_invert(tiny, unit_latent, cond, 10), cond), unit_latent)
+    plain10 = _rel(r10.denoise(ddim_invert(r10, unit_latent, cond, 10), cond), unit_latent)
     print(f"relative latent error: plain 10 steps {plain10:.3f}, plain 50 {plain50:.3f}, refine=5 at 50 {refined:.1e}")
     assert refined < 1e-3  # the stated tolerance
     assert plain50 < plain10  # plain inversion improves with steps

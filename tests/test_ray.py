@@ -231,3 +231,35 @@ def test_driver_sigkill_then_rerun_renders_only_the_rest(cluster, job, job_file,
     assert all(os.path.getmtime(os.path.join(out, "commits", f"shard-{i:05d}.done.json")) == t
                for i, t in markers.items())  # committed shards were not rendered again
     assert _sorted(read_frames(out)).equals(reference)
+
+
+def test_images_walk_is_inverted_once_and_read_by_every_worker(cluster, tmp_path):
+    """Image endpoints on Ray: one worker inverts before any shard is handed out, both workers read the cache
+    from the run folder, and every frame equals the local executor's (one torch thread, as the workers)."""
+    import json
+
+    from hpcwalk.job import load_job
+    from test_walks import pictures
+
+    folder = tmp_path / "job"
+    pictures(folder / "in")
+    (folder / "job.toml").write_text(tiny_job_toml(
+        walk("img", "images", images=["in/a.png", "in/b.png"], prompt="a photo", methods=["slerp"], frames=6,
+             invert_refine=1), steps=3, guidance=1.0, size=32, device="cpu").replace("steps = 3", 'scheduler = "ddim"\nsteps = 3'))
+    job = load_job(folder / "job.toml")
+    cut = shard(plan(job), job.output.shard_size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert not run_render(job, str(tmp_path / "local"), cut, progress=False).failed
+    finally:
+        torch.set_num_threads(threads)
+    out = str(tmp_path / "ray")
+    summary = run_render(job, out, cut, progress=False, executor=ExecutorOptions(ray="auto", workers=2))
+    assert not summary.failed, [r.error for r in summary.failed]
+    assert len({r.worker for r in summary.results}) == 2  # both workers rendered shards of the walk
+    index = json.load(open(os.path.join(out, "inversions", "index.json")))
+    assert [r["inverted_now"] for r in index] == [True, True]
+    assert sorted(f for f in os.listdir(os.path.join(out, "inversions")) if f.endswith(".safetensors")) == \
+        sorted(os.path.basename(r["file"]) for r in index)
+    assert _sorted(read_frames(out)).equals(_sorted(read_frames(str(tmp_path / "local"))))

@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hpcwalk.cli import app
-from hpcwalk.job import JobError
+from hpcwalk.job import JobError, plan
 from hpcwalk.study import parse_study
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "study.toml"
@@ -259,3 +259,26 @@ def test_summary_averages_prompts_within_a_pair_and_reports_each_prompt():
     assert len(s["score_curves"]["clip"]["linear"]["mean"]) == 5
     with pytest.raises(JobError, match="no seed pair has all its walks complete"):
         walk_table(st, part.filter(pc.not_equal(part["index"], 4)))
+
+
+def test_study_walks_can_be_eased_and_the_analysis_reads_the_eased_grid():
+    """[study] easing: every generated walk is eased, and the curves and KID bins are against the eased gammas;
+    pace is refused with the reason (one gamma grid for every pair)."""
+    from hpcwalk.pacing import ease
+    from hpcwalk.study import summarize, walk_table
+
+    data = tomllib.loads(EXAMPLE.read_text())
+    data["study"].update(pairs=3, frames=5, bootstrap=500, easing="ease-in-out", easing_exponent=3.0)
+    st = parse_study(data)
+    grid = ease(np.linspace(0, 1, 5), "ease-in-out", 3.0)
+    assert {(w.easing, w.easing_exponent) for w in st.job.walks} == {("ease-in-out", 3.0)}
+    assert [r.gamma for r in plan(st.job) if r.walk == "pair00000" and r.method == "slerp"] == grid.tolist()
+    np.testing.assert_array_equal(st.spec.gamma(), grid)
+    frames = _synthetic_frames(st)
+    s = summarize(st, frames, walk_table(st, frames), {"clip_model": "m/none"})
+    assert s["score_curves"]["clip"]["slerp"]["x"] == grid.tolist() and s["study"]["easing"] == "ease-in-out"
+    for edit, needle in (({"pace": "even"}, "[study] pace: a study keeps one gamma grid for every seed pair"),
+                         ({"easing": "bouncy"}, "[study] easing: unknown value 'bouncy'"),
+                         ({"easing_exponent": 99.0}, "[study] easing_exponent must be <= 16")):
+        with pytest.raises(JobError, match=re.escape(needle)):
+            parse_study({**data, "study": {**data["study"], **edit}})

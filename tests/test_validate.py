@@ -163,21 +163,25 @@ KEYS = {"model": ["id", "revision"],
         "sampling": ["scheduler", "steps", "guidance", "negative_prompt", "height", "width"],
         "render": ["batch_size", "dtype", "device"], "output": ["shard_size", "image_format"],
         "walk": ["name", "kind", "prompt", "prompts", "seed", "seeds", "methods", "frames", "stride", "std_min",
-                 "std_max"]}
+                 "std_max", "easing", "easing_exponent", "pace", "pace_coarse", "pace_measure", "audio", "audio_fps",
+                 "images", "keyframes", "text_method", "invert_refine"]}
 
 
 @st.composite
 def job_dicts(draw) -> dict:
     """A valid small job, then up to three mutations: a key's value replaced (any type), a key added or
     dropped, a table replaced by a scalar."""
-    kind = draw(st.sampled_from(["latent", "text", "translate", "mix", "std", "prompts"]))
+    kind = draw(st.sampled_from(["latent", "text", "translate", "mix", "std", "prompts", "keyframes", "images"]))
     w: dict = {"name": draw(st.one_of(st.just("w"), _text)), "kind": kind}
     w.update({"latent": {"prompt": "a cat", "seeds": [1, 2], "methods": ["slerp"], "frames": 3},
               "text": {"prompts": ["a cat", "a dog"], "seed": 1, "frames": 3},
               "translate": {"prompt": "a cat", "seeds": [1, 2], "stride": 1},
               "mix": {"prompt": "a cat", "seeds": [1, 2], "stride": 1},
               "std": {"prompt": "a cat", "seed": 1, "frames": 3, "std_min": 0.5, "std_max": 1.5},
-              "prompts": {"prompts": ["a cat", "a dog"], "seed": 1}}[kind])
+              "prompts": {"prompts": ["a cat", "a dog"], "seed": 1},
+              "keyframes": {"keyframes": [{"prompt": "a cat", "seed": 1, "frames": 3}, {"prompt": "a dog", "seed": 2}],
+                            "easing": "ease-in-out"},
+              "images": {"images": ["a.png", "b.png"], "prompt": "a cat", "frames": 3}}[kind])  # no such files: exit 2
     job = {"model": {"id": "tiny"}, "sampling": {"steps": 1, "height": 16, "width": 16, "guidance": 2.0},
            "render": {"batch_size": 2, "device": "cpu"}, "output": {"shard_size": 4}, "walk": [w]}
     for _ in range(draw(st.integers(0, 3))):
@@ -207,6 +211,8 @@ def _toml(v) -> str:
     if isinstance(v, str):
         return '"' + "".join(c if c.isprintable() and c not in '"\\' else f"\\u{ord(c):04x}" if ord(c) < 0x10000
                              else f"\\U{ord(c):08x}" for c in v) + '"'
+    if isinstance(v, dict):  # an inline table (keyframes = [{prompt = ..., seed = ...}, ...])
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml(x)}" for k, x in v.items()) + "}"
     return "[" + ", ".join(_toml(x) for x in v) + "]"
 
 

@@ -238,3 +238,81 @@ def test_peak_memory_is_flat_from_100_to_1000_frames(tmp_path):
           f"+{deltas[1000] / 2**20:.1f} MiB; the 900 extra frames are {extra / 2**20:.1f} MiB of PNG")
     assert extra > 16 * 2**20  # the check below can tell streaming from holding the walk
     assert deltas[1000] - deltas[100] < 8 * 2**20
+
+
+# -- audio: an audio-paced walk plays at its audio_fps with its audio muxed in ------------------------------
+
+
+@pytest.fixture(scope="module")
+def audio_run(tmp_path_factory):
+    """A walk timed to a click track: bursts at 0.5, 1.2 and 2.0 s; 20 frames at 10 fps from 0.25 s."""
+    from test_walks import clicks
+
+    folder = tmp_path_factory.mktemp("audio")
+    clicks(folder / "beat.wav")
+    run = str(folder / "run")
+    make_run(run, [{"name": "au", "kind": "latent", "prompt": "a cat", "seeds": [1, 2], "methods": ["slerp"],
+                    "frames": 20, "pace": "audio", "audio": str(folder / "beat.wav"), "audio_fps": 10,
+                    "audio_start": 0.25}, {"name": "plain", "kind": "std", "prompt": "a cat", "seed": 1, "frames": 3}])
+    return run, folder / "beat.wav"
+
+
+def _audio(path: str) -> tuple[np.ndarray, int, str]:
+    """The file's audio stream as mono float samples, its rate and codec name."""
+    with av.open(path) as c:
+        s = c.streams.audio[0]
+        chunks = [f.to_ndarray().reshape(f.layout.nb_channels if f.format.is_planar else 1, -1).mean(0)
+                  for f in c.decode(s)]
+        return np.concatenate(chunks), s.rate, s.codec_context.name
+
+
+@pytest.mark.parametrize("fmt, codec", [("mp4", "aac"), ("webm", "opus")])
+def test_audio_paced_walk_gets_its_audio_from_its_start(audio_run, tmp_path, fmt, codec):
+    run, _ = audio_run
+    out = str(tmp_path / f"au.{fmt}")
+    res = runner.invoke(app, ["video", run, "--walk", "au", "--out", out])
+    assert res.exit_code == 0, res.output
+    assert "10 fps" in res.output and "audio " in res.output
+    frames, s = _decode(out)
+    assert len(frames) == 20 and s.average_rate == 10
+    y, rate, name = _audio(out)
+    assert name == codec
+    loud = np.flatnonzero(np.abs(y) > 0.2) / rate  # samples of the bursts, in the video's time
+    starts = loud[np.r_[True, np.diff(loud) > 0.1]]
+    print(f"{fmt}: audio {len(y) / rate:.3f} s, bursts at {np.round(starts, 4).tolist()} s (0.25, 0.95, 1.75 expected)")
+    # the file's bursts at 0.5, 1.2, 2.0 s, from audio_start 0.25 s (decoders drop the encoders' priming samples)
+    np.testing.assert_allclose(starts, [0.25, 0.95, 1.75], atol=0.01)
+    assert abs(len(y) / rate - 2.0) < 0.05  # as long as the 20 frames at 10 fps (the file runs to 3 s)
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--walk", "au", "--fps", "24"], "is timed to its audio at 10 fps: drop --fps"),
+    (["--walk", "au", "--format", "gif"], "has no audio track: use mp4 or webm, or pass --no-audio"),
+    (["--walk", "plain", "--audio", "NOPE.wav"], "--audio: audio file"),
+    (["--walk", "au", "--audio", "BEAT", "--no-audio"], "--audio and --no-audio contradict each other"),
+    (["--walk", "au", "--audio-start", "-1", "--audio", "BEAT"], "--audio-start must be a finite number"),
+])
+def test_bad_audio_options_exit_2(audio_run, tmp_path, args, msg):
+    run, beat = audio_run
+    args = [a.replace("NOPE", str(tmp_path / "nope")).replace("BEAT", str(beat)) for a in args]
+    res = runner.invoke(app, ["video", run, *args, "--out", str(tmp_path / ("v.gif" if "gif" in args else "v.mp4"))])
+    assert res.exit_code == 2, res.output
+    assert msg in res.output and not os.listdir(tmp_path)
+
+
+def test_audio_is_optional_and_can_be_given(audio_run, tmp_path):
+    run, beat = audio_run
+    res = runner.invoke(app, ["video", run, "--walk", "au", "--format", "gif", "--no-audio", "--out",
+                              str(tmp_path / "au.gif")])
+    assert res.exit_code == 0 and "10 fps" in res.output, res.output  # still timed at the walk's fps
+    res = runner.invoke(app, ["video", run, "--walk", "plain", "--audio", str(beat), "--out", str(tmp_path / "p.mp4")])
+    assert res.exit_code == 0, res.output
+    y, rate, _ = _audio(str(tmp_path / "p.mp4"))
+    assert abs(len(y) / rate - 1024 / rate - 0.1) < 0.05  # 3 frames at 30 fps
+    moved = str(beat) + ".moved"
+    os.rename(beat, moved)
+    try:
+        res = runner.invoke(app, ["video", run, "--walk", "au", "--out", str(tmp_path / "x.mp4")])
+        assert res.exit_code == 2 and "which is not there: pass --audio FILE, or --no-audio" in res.output
+    finally:
+        os.rename(moved, beat)

@@ -28,7 +28,7 @@ from PIL import Image
 
 from hpcwalk import figures
 from hpcwalk.colors import METHOD_COLORS, PALETTE
-from hpcwalk.runindex import RunIndex, Track, evenly_spaced, iter_images, param_text
+from hpcwalk.runindex import RunIndex, Track, evenly_spaced, iter_images, param_rows, param_text
 from hpcwalk.store import target_error
 
 MARKER = ".hpcwalk-viewer"
@@ -122,8 +122,7 @@ def _walk_data(index: RunIndex, name: str, w: int, out: str, thumb_size: int, st
     kind = tracks[0].kind
     rows: dict[int, dict] = {}
     for t in reversed(tracks):  # the first track with a frame at an index names its parameter
-        rows.update({r["index"]: r for r in t.rows.select(["index", "gamma", "t", "std", "prompt", "segment"])
-                     .to_pylist()})
+        rows.update({r["index"]: r for r in param_rows(t.rows)})
     positions = sorted(rows)
     segments = 1 + max((r["segment"] for r in rows.values()), default=0)
     scores = [c for c in index.score_columns  # only the columns this walk has values in (clip_score_b: text walks)
@@ -151,7 +150,9 @@ def _track_data(index: RunIndex, t: Track, w: int, m: int, out: str, scores: lis
     d: dict[str, Any] = {
         "label": t.label, "method": t.method, "dir": f"frames/w{w}/m{m}", "thumbs": "", "ext": "png",
         "index": cols["index"], "frame_id": cols["frame_id"],
-        "seeds": [_seeds(cols, k) for k in range(t.rows.num_rows)],
+        "seeds": [_seeds(cols, k) if t.kind != "images" else "none (endpoints inverted from images)"
+                  for k in range(t.rows.num_rows)],
+        "notes": [_notes(cols, k) for k in range(t.rows.num_rows)],
         "prompt": cols["prompt"], "prompt_b": cols["prompt_b"],
         "latent_norm": [round(v, 4) for v in cols["latent_norm"]],
         "scores": {c: [round(v, 3) if _finite(v) else None for v in cols[c]] for c in scores},
@@ -187,6 +188,19 @@ def _walk_figures(index: RunIndex, name: str, kind: str, w: int, out: str, track
         src = f"figures/w{w}-latent-norm.png"
         figures.norm_figure(index, name, os.path.join(out, src))
         return [{"title": f"latent norm along {name}, measured from the run", "src": src}]
+    if kind == "images":
+        from hpcwalk.endpoints import endpoint_images
+
+        shown = endpoint_images(index.uri, name)
+        if shown:
+            src = f"figures/w{w}-endpoints.png"
+            images = [im for _, inp, rec in shown for im in (inp, rec)]
+            captions = [c for r, _, _ in shown for c in (f"input {r['image']}",
+                                                          f"reconstruction: PSNR {r['psnr']:.2f} dB")]
+            figures.contact_sheet(images, captions, f"{name}: inputs and reconstructions", os.path.join(out, src),
+                                  cols=2)
+            return [{"title": f"input images of {name} beside their reconstructions (the walk's endpoint frames)",
+                     "src": src}]
     return []
 
 
@@ -209,6 +223,31 @@ def _seeds(cols: dict[str, list], k: int) -> str:
     if cols["seed_b"][k] is None:
         return a
     return f"{a} → {cols['seed_b'][k]}" + (f":{cols['draw_b'][k]}" if cols["draw_b"][k] else "")
+
+
+def _notes(cols: dict[str, list], k: int) -> str:
+    """The frame's placement and endpoints in words: easing, pacing, audio time, text method, input images."""
+    def get(c: str) -> Any:
+        return cols[c][k] if c in cols else None
+
+    parts = []
+    if get("easing") not in (None, "linear"):
+        parts.append(f"easing {get('easing')} (exponent {get('easing_exponent'):g}) of position {get('position'):.3f}")
+    if get("pace") not in (None, "uniform"):
+        pace = f"pace {get('pace')}"
+        if get("pace") == "even":
+            pace += f", from position {get('position'):.3f}" + (f", a copy of coarse frame {get('reused_from')}"
+                                                                 if get("reused_from") else "")
+        if get("time_s") is not None:
+            pace += f", shown at {get('time_s'):.3f} s"
+        parts.append(pace)
+    if get("text_method"):
+        parts.append(f"text {get('text_method')}")
+    if get("image_path") is not None:
+        psnr = [get(c) for c in ("image_psnr", "image_psnr_b")]
+        parts.append(f"images {get('image_path')} → {get('image_path_b')}"
+                     + (f" · reconstruction PSNR {psnr[0]:.2f} / {psnr[1]:.2f} dB" if None not in psnr else ""))
+    return " · ".join(parts)
 
 
 def _finite(v: Any) -> bool:

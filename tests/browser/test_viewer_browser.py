@@ -35,7 +35,9 @@ def browser():
 def _viewer(tmp_path, name: str, clip: bool, drop: tuple[int, ...] = ()) -> str:
     run = str(tmp_path / name)
     make_run(run, [dict(LATENT3, frames=30),
-                   {"name": "sweep", "kind": "std", "prompt": "a cat", "seed": 1, "frames": 5}],
+                   {"name": "sweep", "kind": "std", "prompt": "a cat", "seed": 1, "frames": 5},
+                   {"name": "story", "kind": "keyframes", "easing": "ease-in", "easing_exponent": 3.0,
+                    "keyframes": [{"prompt": "a cat", "seed": 1, "frames": 5}, {"prompt": "a dog", "seed": 2}]}],
              size=(128, 128), shard_size=16, clip=clip, drop=drop)
     res = CliRunner().invoke(app, ["view", run, "--thumb-size", "64"])
     assert res.exit_code == 0, res.output
@@ -113,6 +115,18 @@ def test_slider_keys_and_strip_change_frame_and_provenance(browser, tmp_path):
     page.keyboard.press("End")
     assert page.get_attribute("#walk-1", "data-pos") == "4" and page.get_attribute("#walk-0", "data-pos") == "9"
     assert "std 1.500" in page.inner_text("#walk-1 .panel .prov")
+
+    # 4. a keyframes walk (prompt and seed together, eased): its frames' placement is part of the provenance
+    page.click("#walk-2 h2")
+    page.keyboard.press("Home")
+    page.keyboard.press("ArrowRight")
+    assert page.get_attribute("#walk-2", "data-pos") == "1"
+    assert "keyframes walk" in page.inner_text("#walk-2 .about")
+    prov = page.inner_text("#walk-2 .panel .prov")
+    assert "story/slerp/00001" in prov and "gamma 0.016" in prov  # ease-in, exponent 3: (1/4)^3
+    assert 'prompt "a cat" → "a dog"' in prov and "seeds 1 → 2" in prov
+    assert "easing ease-in (exponent 3) of position 0.250" in prov and "text slerp" in prov
+    _loaded(page, "#walk-2 .panel .frame img")
 
     page.evaluate("document.getElementById('walk-0').scrollIntoView()")
     shot = tmp_path / "viewer.png"

@@ -187,12 +187,13 @@
     var score = w.scores.length
       ? w.scores.map(function (c) { return scoreLabel(c) + " " + fmt(t.scores[c][r], 2); }).join(" · ")
       : "CLIP score: none in this run";
-    return [t.frame_id[r],
+    var lines = [t.frame_id[r],
       "method " + (t.method || w.kind) + " · " + w.params[p],
       "seeds " + t.seeds[r],
-      "prompt " + prompt,
-      score,
-      "latent norm " + fmt(t.latent_norm[r], 4)].join("\n");
+      "prompt " + prompt];
+    if (t.notes && t.notes[r]) lines.push(t.notes[r]);  // easing, pacing, audio time, input images
+    lines.push(score, "latent norm " + fmt(t.latent_norm[r], 4));
+    return lines.join("\n");
   }
 
   // 3. the CLIP-score curve, one line per method and score column, with the position marked
