@@ -236,12 +236,12 @@ class ClipScorer(OnDevice):
 
     @torch.no_grad()
     def embed_texts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Unit-norm text embeddings float32 (P, D); each distinct prompt encoded once and cached."""
-        new = [p for p in dict.fromkeys(prompts) if p not in self._text]
-        if new:
-            ids = self.tokenizer(new).to(self.device)
-            emb = torch.nn.functional.normalize(self.model.encode_text(ids).float(), dim=-1)
-            self._text.update(zip(new, emb))
+        """Unit-norm text embeddings float32 (P, D); each distinct prompt encoded once, alone, and cached (encoded
+        together, a prompt's embedding would depend in its last bits on which prompts shared its batch)."""
+        for p in dict.fromkeys(prompts):
+            if p not in self._text:
+                ids = self.tokenizer([p]).to(self.device)
+                self._text[p] = torch.nn.functional.normalize(self.model.encode_text(ids).float(), dim=-1)[0]
         return torch.stack([self._text[p] for p in prompts])
 
     def score_frames(self, frames: torch.Tensor, rows: Sequence[FrameRow]) -> dict[str, torch.Tensor]:

@@ -192,3 +192,15 @@ def test_ray_driver_checks_clip_names_not_this_machines_weights(monkeypatch, tmp
         check_clip("ViT-L-14", "opneai", here=False)
     with pytest.raises(ClipLoadError, match="not an open_clip architecture"):
         check_clip("ViT-Q-99", "none", here=False)
+
+
+def test_a_prompts_text_embedding_does_not_depend_on_the_prompts_beside_it():
+    """Which prompts a micro-batch meets first depends on the shard cut and, on resume or with Ray, on which
+    worker took which shard; encoded together, a prompt's embedding moved in the last bits with the batch (a
+    resumed run's clip_score then differed from an undisturbed run's), so each prompt is encoded alone."""
+    from hpcwalk.clip import load_clip
+
+    alone = load_clip("tiny-clip", "none").embed_texts(["a cat"])[0]
+    for others in (["a dog"], ["a dog", "a red car", "a bowl of fruit", "a lighthouse", "a city at night"]):
+        beside = load_clip("tiny-clip", "none").embed_texts(others + ["a cat"])[-1]
+        assert torch.equal(alone, beside), others
