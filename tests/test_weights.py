@@ -24,7 +24,7 @@ from hpcwalk.loaders import load_pretrained
 from hpcwalk.models import load_components
 from hpcwalk.store import committed_files
 from hpcwalk.weights import ModelLoadError, resolve
-from jobs import cat_walk, max_abs_diff, tiny_job_toml, walk
+from jobs import cat_walk, max_abs_diff, tiny_job_toml
 from ldm_checkpoint import (COMPVIS_SCHEDULER, cheap_random, put_in_hub_cache, save_ldm, to_ldm, write_config_folder,
                             write_diffusers_folder)
 
@@ -112,19 +112,11 @@ def test_sd2_single_file_open_clip_layout_v_prediction(art):
 @pytest.mark.slow
 def test_full_sd14_single_file_loads_without_any_config(tmp_path):
     """The SD 1.4 architecture as sd-v1-4.safetensors has it (fp16 here), no [model] config: detected
-    from its keys and shapes, built with the shipped configs, tensors bit-equal, and a frame (64x64, 2 steps,
-    float32 on the CPU: about 3 s for both) equal to the source model's."""
+    from its keys and shapes, built with the shipped configs, tensors bit-equal."""
     unet, vae, text = cheap_random("sd14-random", torch.float16)
     path = save_ldm(tmp_path / "sd-v1-4.safetensors", to_ldm(unet, vae, text))
     try:
         _check_full_sd14(path, unet, vae, text)
-        c = load_components(str(path), "float32", "cpu")  # through `hpcwalk render --model FILE`'s loader
-        src = dataclasses.replace(c, unet=unet.float(), vae=vae.float(), text_encoder=text.float())
-        job = parse_job(tomllib.loads(tiny_job_toml(walk("p", "prompts", seed=1, prompts=["a cat"]), steps=2,
-                                                    guidance=0.0, batch_size=1, shard_size=1)))
-        ours, ref = (Renderer(m, job.sampling, batch_size=1).render(plan(job)).images for m in (c, src))
-        print(f"full SD 1.4 frame vs the source model: max abs diff {max_abs_diff(ours, ref)}")
-        assert ref.std() > 5 and max_abs_diff(ours, ref) <= 1
     finally:
         path.unlink()  # 2.1 GB: not left in pytest's kept temporary folders
 
