@@ -54,6 +54,16 @@ def tiny_job_toml(*walks: str, steps: int = 4, guidance: float | None = None, si
     return "\n".join(head) + "\n" + "".join(walks)
 
 
+
+def tiny_study_toml(prompt: str = "a cat", *study_lines: str, size: int = 16, shard_size: int | None = None) -> str:
+    """A study file on the tiny model (2 seed pairs x 3 frames, 1 step, size x size, tiny-clip), with more
+    [study] lines (`'bootstrap = 200'`) and optionally an [output] shard_size."""
+    study = ["[study]", f"prompts = [{_value(prompt)}]", "pairs = 2", "frames = 3", *study_lines]
+    rest = ["[model]", 'id = "tiny"', "[sampling]", "steps = 1", f"height = {size}", f"width = {size}",
+            "[clip]", 'model = "tiny-clip"', 'pretrained = "none"']
+    rest += ["[output]", f"shard_size = {shard_size}"] if shard_size is not None else []
+    return "\n".join(["", *study, *rest]) + "\n"
+
 def sigkill_render(job_file: str, out: str, *flags: str, poll_s: float, commits: int = 2,
                    env: dict[str, str] | None = None) -> None:
     """Run `hpcwalk render job_file --out out --no-progress *flags` in a subprocess and SIGKILL it once
@@ -85,3 +95,22 @@ def max_abs_diff(a, b) -> int:
 
     assert a.shape == b.shape
     return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def write_audio(path, samples, rate: int, codec: str = "pcm_s16le", fmt: str = "s16p") -> None:
+    """An audio file of float samples in [-1, 1], (channels, N) with 1 or 2 channels, through PyAV: `fmt`
+    s16p/s16 writes 16-bit integers, fltp floats."""
+    import av
+    import numpy as np
+
+    samples = np.asarray(samples, np.float32)
+    layout = "mono" if samples.shape[0] == 1 else "stereo"
+    with av.open(str(path), "w") as c:
+        stream = c.add_stream(codec, rate=rate, layout=layout)
+        data = (samples * 32767).astype(np.int16) if fmt.startswith("s16") else samples
+        frame = av.AudioFrame.from_ndarray(data, format=fmt, layout=layout)
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            c.mux(packet)
+        for packet in stream.encode(None):
+            c.mux(packet)

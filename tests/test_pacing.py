@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from hpcwalk import metrics
 from hpcwalk.pacing import (EASINGS, AudioError, audio_gammas, chord_distance, decode_audio, ease, even_gammas,
                             onset_strength, pixel_distances, reuse_index, stft_magnitude)
+from jobs import write_audio
 
 # ---------------------------------------------------------------------------------------------
 # easing
@@ -203,20 +204,6 @@ def _clicks() -> np.ndarray:
     return np.stack([y, y])
 
 
-def _write_audio(path, codec: str, fmt: str, samples: np.ndarray) -> None:
-    import av
-
-    with av.open(str(path), "w") as c:
-        stream = c.add_stream(codec, rate=RATE, layout="stereo")
-        data = (samples * 32767).astype(np.int16) if fmt == "s16p" else samples
-        frame = av.AudioFrame.from_ndarray(data, format=fmt, layout="stereo")
-        frame.sample_rate = RATE
-        for packet in stream.encode(frame):
-            c.mux(packet)
-        for packet in stream.encode(None):
-            c.mux(packet)
-
-
 @pytest.fixture(scope="module")
 def audio_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("audio")
@@ -224,7 +211,7 @@ def audio_files(tmp_path_factory):
     out = {}
     for ext, (codec, fmt) in CODECS.items():
         out[ext] = folder / f"clicks.{ext}"
-        _write_audio(out[ext], codec, fmt, samples)
+        write_audio(out[ext], samples, RATE, codec, fmt)
     return out
 
 

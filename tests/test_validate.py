@@ -12,25 +12,11 @@ from typer.testing import CliRunner
 
 from hpcwalk.cli import app
 from hpcwalk.store import read_frames
-from jobs import cat_walk, tiny_job_toml, walk
+from jobs import cat_walk, tiny_job_toml, tiny_study_toml, walk
 
 runner = CliRunner()
 SMALL = tiny_job_toml(cat_walk(methods=["linear"], frames=3), steps=1, size=16, shard_size=4)
-STUDY = """
-[study]
-prompt = "a cat"
-pairs = 2
-frames = 3
-[model]
-id = "tiny"
-[sampling]
-steps = 1
-height = 16
-width = 16
-[clip]
-model = "tiny-clip"
-pretrained = "none"
-"""
+STUDY = tiny_study_toml()
 
 
 def _refused(res, needle: str, out) -> None:

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from hpcwalk.cli import app
 from hpcwalk.job import FrameRow, load_job, parse_job, plan, shard
 from hpcwalk.pacing import audio_gammas, decode_audio, onset_strength
-from jobs import tiny_job_toml, walk
+from jobs import tiny_job_toml, walk, write_audio
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 runner = CliRunner()
@@ -40,20 +40,11 @@ def pictures(folder) -> None:
 
 def clicks(path, times=(0.5, 1.2, 2.0), seconds: float = 3.0, rate: int = 22050) -> None:
     """A mono 16-bit WAV (PyAV) of silence with short tone bursts at `times`."""
-    import av
-
     y = np.zeros(int(rate * seconds), np.float32)
     for t in times:
         k = int(t * rate)
         y[k : k + 300] = 0.8 * np.sin(np.arange(300) * 0.3)
-    with av.open(str(path), "w") as c:
-        st = c.add_stream("pcm_s16le", rate=rate, layout="mono")
-        frame = av.AudioFrame.from_ndarray((y * 32767).astype(np.int16)[None], format="s16", layout="mono")
-        frame.sample_rate = rate
-        for p in st.encode(frame):
-            c.mux(p)
-        for p in st.encode():
-            c.mux(p)
+    write_audio(path, y[None], rate, "pcm_s16le", "s16")
 
 
 def job_of(*walks: dict, source: str = "<dict>", **tables):

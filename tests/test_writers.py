@@ -27,7 +27,7 @@ from hpcwalk.job import plan, shard
 from hpcwalk.report import FIGURES
 from hpcwalk.store import ShardStore, encode_image, frames_table, run_metadata
 from hpcwalk.study import parse_study
-from jobs import cat_walk, tiny_job_toml
+from jobs import cat_walk, tiny_job_toml, tiny_study_toml
 from synthetic_run import LATENT3, frame_image, make_run
 
 runner = CliRunner()
@@ -70,24 +70,7 @@ def test_long_and_odd_walk_names_become_safe_file_names(tmp_path):
 
 def _study(tmp_path: Path, clip_model: str = "tiny-clip/none") -> tuple[Path, Path]:
     """A committed study folder without rendering: 2 pairs x 3 methods x 3 frames, synthetic CLIP columns."""
-    text = f"""[study]
-prompts = ["a <script>alert(1)</script> cat {MATH}"]
-pairs = 2
-frames = 3
-bootstrap = 200
-lpips = "none"
-[model]
-id = "tiny"
-[sampling]
-steps = 1
-height = 16
-width = 16
-[clip]
-model = "tiny-clip"
-pretrained = "none"
-[output]
-shard_size = 9
-"""
+    text = tiny_study_toml(f"a <script>alert(1)</script> cat {MATH}", "bootstrap = 200", 'lpips = "none"', shard_size=9)
     path = tmp_path / "study.toml"
     path.write_text(text)
     import tomllib
