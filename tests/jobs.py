@@ -114,3 +114,18 @@ def write_audio(path, samples, rate: int, codec: str = "pcm_s16le", fmt: str = "
             c.mux(packet)
         for packet in stream.encode(None):
             c.mux(packet)
+
+
+def run_trials(script: str, tmp: str, seed: int) -> dict:
+    """`python script TMP SEED` in a fresh interpreter (one torch thread, tests/ importable): the trial scripts of
+    the SIGKILL tests fork their victims from it; returns the JSON dict it prints last (printed here too)."""
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, script, str(tmp), str(seed)], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps(res, indent=1))
+    return res

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -22,6 +21,7 @@ from hpcwalk.engine import RenderOutput
 from hpcwalk.executors import run_render
 from hpcwalk.job import parse_job, plan, shard
 from hpcwalk.store import read_frames
+from jobs import run_trials
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -137,12 +137,7 @@ def test_even_pacing_on_tiny_reads_back_as_the_final_walk(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_between_and_during_the_passes_loses_nothing(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path), "20261212"], capture_output=True, text=True,
-                          timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(json.dumps(res, indent=1))
+    res = run_trials(__file__, tmp_path, 20261212)
     assert [t["where"] for t in res["trials"][:2]] == ["after the coarse pass", "after the plan file"]
     for t in res["trials"]:
         assert t["killed"] and t["rerun_exit"] == 0, t

@@ -13,24 +13,19 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from jobs import run_trials
+
 TRIALS = 10
 
 
 @pytest.mark.slow
 def test_sigkill_during_render_and_repair_loses_nothing(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path), "20261127"], capture_output=True, text=True,
-                          timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(json.dumps(res, indent=1))
+    res = run_trials(__file__, tmp_path, 20261127)
     for kind in ("render", "repair"):
         trials = res[kind]
         assert len(trials) == TRIALS
