@@ -84,6 +84,10 @@ def place_final(job: RenderJob, out: str, shards: Sequence[Shard], todo: Sequenc
     for w in walks:
         need = holders.get(w.name, set())
         lacking = sorted(need - set(ok))
+        if lacking:  # also with a plan on disk: final frames are copied from the coarse shards
+            waits[w.name] = (f"waits for the coarse pass of walk {w.name!r} (shard(s) "
+                             f"{', '.join(f'shard-{i:05d}' for i in lacking)} not committed): rerun to render it")
+            continue
         existing = _read_json(out, plan_path(out, w.name))
         if existing is not None:
             plans[w.name] = existing
@@ -91,10 +95,6 @@ def place_final(job: RenderJob, out: str, shards: Sequence[Shard], todo: Sequenc
             if changed:
                 warnings.warn(RunWarning(f"walk {w.name!r}: coarse shard(s) {changed} changed since its pacing plan "
                                          f"was made ({plan_path(out, w.name)}); the plan is kept"), stacklevel=3)
-        elif lacking:
-            waits[w.name] = (f"waits for the coarse pass of walk {w.name!r} (shard(s) "
-                             f"{', '.join(f'shard-{i:05d}' for i in lacking)} not committed): rerun to render it")
-            continue
         else:
             plans[w.name] = make_plan(job, w, out, {i: ok[i] for i in need})
             _write_json(out, plan_path(out, w.name), plans[w.name])
@@ -148,7 +148,7 @@ def fill(r: FrameRow, plan: dict[str, Any], where: dict[str, int]) -> FrameRow:
 def make_plan(job: RenderJob, w: Walk, out: str, coarse: dict[int, Any]) -> dict[str, Any]:
     """The pacing plan of walk `w` from its committed coarse shards (`coarse`: shard index -> ShardCheck)."""
     from hpcwalk.placement import coarse_frames
-    from hpcwalk.walkparse import segment_frames
+    from hpcwalk.walkparse import chain_frames, segment_frames
 
     measure = measure_of(job, w)
     frames = _coarse_frames_of(out, w.name, [coarse[i].parquet for i in sorted(coarse)], measure)
@@ -156,9 +156,9 @@ def make_plan(job: RenderJob, w: Walk, out: str, coarse: dict[int, Any]) -> dict
     methods = {}
     for m in w.methods:
         rows = frames.get(m, [])
-        if len(rows) != 1 + sum(c - 1 for c in seg_coarse):
+        if len(rows) != chain_frames(seg_coarse):
             raise RuntimeError(f"walk {w.name!r} {m}: the committed coarse pass has {len(rows)} frames, the plan "
-                               f"{1 + sum(c - 1 for c in seg_coarse)}: rerun the render")
+                               f"{chain_frames(seg_coarse)}: rerun the render")
         d = _distances(rows, measure)  # (n - 1,) between consecutive coarse frames, in walk order
         gammas, reuse, dist = [], [], []
         first = 0  # walk index of the segment's first coarse frame

@@ -103,6 +103,38 @@ def test_even_pacing_evens_a_known_uneven_path(tmp_path):
     assert read_frames(out).sort_by("frame_id").column("gamma").to_pylist() == t.column("gamma").to_pylist()
 
 
+def test_final_pass_never_copies_from_a_damaged_coarse_shard(tmp_path):
+    """A pacing plan on disk, a coarse shard replaced by another (parseable) file, and its re-render failing:
+    the final shards that copy coarse frames wait (reported failed), instead of copying the damaged file's
+    frames into a final shard with a fresh, valid marker."""
+    import pyarrow.parquet as pq
+
+    job = path_job(frames=9, coarse=3)
+    out = str(tmp_path / "run")
+    _render(job, out)
+    shards = shard(plan(job), job.output.shard_size)
+    coarse = [s.index for s in shards if any(r.pace_pass == "coarse" for r in s.rows)]
+    final = [s.index for s in shards if s.index not in coarse]
+    f = os.path.join(out, "frames", f"shard-{coarse[0]:05d}.parquet")
+    t = pq.read_table(f)
+    pq.write_table(t.set_column(t.schema.get_field_index("image"), "image", pa.array([b"damaged"] * t.num_rows)), f)
+    for i in final:
+        os.remove(os.path.join(out, "commits", f"shard-{i:05d}.done.json"))
+
+    class CoarseFails(PathRenderer):
+        def render(self, rows, on_batch=None):
+            if any(r.pace_pass == "coarse" for r in rows):
+                raise RuntimeError("the coarse re-render fails")
+            return super().render(rows, on_batch)
+
+    summary = run_render(job, out, shards, progress=False, factory=lambda j: CoarseFails(j))
+    assert {r.shard for r in summary.failed} == {coarse[0], *final}, [(r.shard, r.error) for r in summary.failed]
+    assert all("waits for the coarse pass" in r.error for r in summary.failed if r.shard in final)
+    from hpcwalk.store import committed_shards
+
+    assert not set(final) & committed_shards(out)  # no final shard was committed from the damaged file
+
+
 def test_even_pacing_on_tiny_reads_back_as_the_final_walk(tiny, tmp_path):
     """A real render (pixel steps, several methods and keyframes): readers show the final pass only."""
     from hpcwalk.engine import Renderer
