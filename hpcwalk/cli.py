@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,8 +13,7 @@ import typer
 
 from hpcwalk.compile import CompileError
 from hpcwalk.job import DTYPES, JobError
-from hpcwalk.validate import check_render_device, check_speed  # noqa: F401  (pre-work checks live in validate.py)
-from hpcwalk.verify import DEFAULT_LEVEL, VERIFY_LEVELS, RunWarning
+from hpcwalk.verify import DEFAULT_LEVEL, RunWarning, check_level
 
 app = typer.Typer(
     add_completion=False,
@@ -162,9 +160,10 @@ VerifyOption = Annotated[str, typer.Option(
 
 
 def _level(verify: str) -> str:
-    if verify not in VERIFY_LEVELS:
-        _fail(f"--verify {verify!r} is not a level: choose quick (size) or full (sha256)")
-    return verify
+    try:
+        return check_level(verify)
+    except ValueError as e:
+        _fail(str(e))
 
 
 def executor_options(ray: Optional[str], workers: Optional[int], gpus_per_worker: Optional[float],
@@ -420,7 +419,8 @@ def study(
                f"{', '.join(f'{m}/{p}' for _, m, p in st.job.clip.models(st.job.model.id))} ({mode} run in {out})", err=True)
     # 2. render + score what is missing, then analyse
     try:
-        result = run_study(st, out, overwrite=overwrite, progress=progress, executor=executor, verify=level)
+        result = run_study(st, out, overwrite=overwrite, progress=progress, executor=executor, verify=level,
+                           shards=prepared.shards)
     except (JobError, ModelLoadError, StoreError, ExecutorError) as e:
         _fail(str(e))
     except OSError as e:

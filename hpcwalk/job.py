@@ -16,7 +16,7 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli package
     import tomli as tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -170,11 +170,10 @@ class Walk:
 
 
 # Walk keys added since the first runs were written, at their defaults (left out of the fingerprint there)
-_WALK_KEYS_SINCE_0_1 = {"score_prompt": "", "score_prompts": (), "gammas": (), "layout": MIX_LAYOUTS[0],
-                        "easing": "linear", "easing_exponent": 2.0, "pace": "uniform", "pace_coarse": 0,
-                        "pace_measure": "auto", "pace_method": "pchip", "audio_sha256": "", "audio_fps": 30.0,
-                        "audio_start": 0.0, "audio_floor": 0.25, "audio_gammas": (), "image_sha256": (),
-                        "invert_guidance": 0.0, "invert_refine": 5, "keyframes": (), "text_method": "slerp"}
+_WALK_KEYS_SINCE_0_1 = {f.name: f.default for f in dataclasses.fields(Walk) if f.name in (
+    "score_prompt", "score_prompts", "gammas", "layout", "easing", "easing_exponent", "pace", "pace_coarse",
+    "pace_measure", "pace_method", "audio_sha256", "audio_fps", "audio_start", "audio_floor", "audio_gammas",
+    "image_sha256", "invert_guidance", "invert_refine", "keyframes", "text_method")}
 _WALK_PATHS = ("images", "audio")  # files as written: their sha256 stands for them in the fingerprint
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from hpcwalk.job import FrameRow, Walk, _scoring, _segments
 from hpcwalk.keyframes import keyframe_steps
 from hpcwalk.pacing import ease
-from hpcwalk.walkparse import GAMMA_KINDS, segment_frames
+from hpcwalk.walkparse import GAMMA_KINDS, chain_frames, segment_frames
 
 COARSE = "c"  # frame-id prefix of coarse-pass rows: WALK/METHOD/c00003
 
@@ -60,9 +60,9 @@ def walk_rows(w: Walk, latent_w: int) -> list[FrameRow]:
 def walk_size(w: Walk, latent_w: int) -> int:
     """The rows `walk_rows` gives, counted without building them."""
     if w.kind in GAMMA_KINDS:
-        per = 1 + sum(f - 1 for f in segment_frames(w))
+        per = chain_frames(segment_frames(w))
         if w.pace == "even":
-            per += 1 + sum(m - 1 for m in coarse_frames(w))
+            per += chain_frames(coarse_frames(w))
         return len(w.methods) * per
     if w.kind in ("translate", "mix"):
         return len(range(0, latent_w, w.stride)) + 1
@@ -96,10 +96,10 @@ def _gamma_rows(w: Walk) -> list[FrameRow]:
     seg = segment_frames(w)
     final = _grid(w, seg)
     placed = _placed(w, [u for _, u in final])
-    rows = []
+    coarse = _grid(w, coarse_frames(w)) if w.pace == "even" else []  # the coarse pass: uniform, measured; the
+    rows = []                                                         # final gammas come from it (evenpace.py)
     for m in w.methods:
-        if w.pace == "even":  # the coarse pass: uniform, measured; the final gammas come from it (evenpace.py)
-            rows += [_row(w, m, i, k, u, u, "coarse") for i, (k, u) in enumerate(_grid(w, coarse_frames(w)))]
+        rows += [_row(w, m, i, k, u, u, "coarse") for i, (k, u) in enumerate(coarse)]
         rows += [_row(w, m, i, k, u, g, "final") for i, ((k, u), g) in enumerate(zip(final, placed))]
     return rows
 

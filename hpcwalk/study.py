@@ -471,14 +471,16 @@ class StudyResult:
 
 
 def run_study(study: Study, out: str, overwrite: bool = False, progress: bool = True, executor: Any = None,
-              verify: str = "full") -> StudyResult:
+              verify: str = "full", shards: Any = None) -> StudyResult:
     """Render the study's frames through the executors (resuming; `executor`: executors.ExecutorOptions,
-    None renders in this process), then write the analysis of the seed pairs whose walks are complete."""
+    None renders in this process), then write the analysis of the seed pairs whose walks are complete.
+    `shards`: the job's shards when the caller has cut them already (validate.prepare_render)."""
     from hpcwalk.executors import run_render
     from hpcwalk.job import shard
 
     # 1. render and score what is not committed yet, or damaged (same path as `hpcwalk render`)
-    shards = shard(plan(study.job), study.job.output.shard_size)
+    if shards is None:
+        shards = shard(plan(study.job), study.job.output.shard_size)
     summary = run_render(study.job, out, shards, overwrite=overwrite, progress=progress, executor=executor,
                          verify=verify)  # type: ignore[arg-type]
     if summary.failed:

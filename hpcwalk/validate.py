@@ -142,12 +142,10 @@ def check_walk(w: "Walk", where: str, latent_w: int) -> None:
         check_text(f"{where} prompt" if k == 0 else f"{where} prompts[{k - 1}]", p, MAX_PROMPT_CHARS, nul=True)
     for k, p in enumerate((w.score_prompt, *w.score_prompts)):
         check_text(f"{where} score_prompt" if k == 0 else f"{where} score_prompts[{k - 1}]", p, MAX_PROMPT_CHARS, nul=True)
-    if w.kind in ("latent", "text", "std") and w.frames < 2:
+    if w.kind in ("latent", "text", "std", "images") and w.frames < 2:
         raise JobError(f"{where}: frames must be >= 2 (both ends are frames), got {w.frames}")
     if w.kind in ("translate", "mix") and not 1 <= w.stride <= latent_w:
         raise JobError(f"{where}: stride must be in 1..{latent_w} (the latent width), got {w.stride}")
-    if w.kind == "images" and w.frames < 2:
-        raise JobError(f"{where}: frames must be >= 2 (both ends are frames), got {w.frames}")
     if w.kind == "std":
         bounded(f"{where} std_min", w.std_min, None, MAX_STD, "a scale of z_T ~ N(0, I)")
         bounded(f"{where} std_max", w.std_max, None, MAX_STD, "a scale of z_T ~ N(0, I)")
@@ -419,6 +417,8 @@ def truncated_prompts(job: "RenderJob") -> list[str]:
             prompts.setdefault(p, f"[[walk]] {w.name!r}")
     out = []
     for p, where in prompts.items():
+        if p.isascii() and len(p) + 2 <= TOKEN_LIMIT:  # a BPE token covers >= 1 ASCII character: no tokenizer
+            continue
         n = prompt_tokens(p)
         if n > TOKEN_LIMIT:
             out.append(f"{where} prompt {_clip(p)} is {n} tokens: the text encoder reads the first {TOKEN_LIMIT} "

@@ -31,10 +31,6 @@ from hpcwalk.validate import JobError
 if TYPE_CHECKING:
     from hpcwalk.job import Sampling, Walk
 
-EASE_KEYS = {"easing", "easing_exponent"}
-PACE_KEYS = {"pace", "pace_coarse", "pace_measure", "pace_method", "audio", "audio_fps", "audio_start", "audio_floor"}
-IMAGE_KEYS = {"images", "invert_guidance", "invert_refine"}
-KEYFRAME_KEYS = {"keyframes", "text_method"}
 PACES = ("uniform", "even", "audio")
 PACE_MEASURES = ("auto", "clip", "pixel")  # auto: clip when [clip] is enabled, else pixel
 GAMMA_KINDS = ("latent", "text", "images", "keyframes")  # kinds whose frames sit at gammas along segments
@@ -191,6 +187,12 @@ def _check_choices(w: "Walk", where: str, ctx: ParseContext) -> None:
         raise JobError(f"{where}: audio = {w.audio!r} is used by pace = \"audio\" only: add pace = \"audio\" or drop it")
 
 
+def chain_frames(seg: list[int]) -> int:
+    """Frames of a chain of segments with `seg` frames each, both ends included: consecutive segments share
+    their keyframe, so 1 + sum(f - 1)."""
+    return 1 + sum(f - 1 for f in seg)
+
+
 def segment_frames(w: "Walk") -> list[int]:
     """Frames of each segment, both ends included (consecutive segments share their keyframe)."""
     if w.kind == "keyframes":
@@ -205,7 +207,7 @@ def _place_audio(w: "Walk", where: str, ctx: ParseContext) -> "Walk":
 
     sha, onsets = validate.check_audio_file(f"{where} audio", resolve(ctx.base_dir, w.audio))
     seg = segment_frames(w)
-    n = 1 + sum(f - 1 for f in seg)
+    n = chain_frames(seg)
     end = w.audio_start + n / w.audio_fps
     if end > onsets.duration_s + 1e-9:
         most = max(int(math.floor((onsets.duration_s - w.audio_start) * w.audio_fps + 1e-9)), 0)
