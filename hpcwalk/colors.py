@@ -6,6 +6,9 @@ from __future__ import annotations
 
 METHOD_COLORS: dict[str, str] = {"linear": "#d62728", "normalized": "#1f77b4", "slerp": "#2ca02c"}
 PALETTE = ("#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
+# Text that comes from data (prompts, walk and model names) is drawn as written by matplotlib: never
+# mathtext ($...$) nor LaTeX, whatever the user's matplotlibrc says (report.py, figures.py).
+DATA_TEXT = {"parse_math": False, "usetex": False}
 
 
 def color(method: str, position: int = 0) -> str:

@@ -23,12 +23,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from hpcwalk.colors import color
+from hpcwalk.colors import DATA_TEXT, color
 from hpcwalk.runindex import RunIndex, evenly_spaced, iter_images
 
-# Text that comes from data (prompts, walk and model names) is drawn as written: never mathtext ($...$)
-# nor LaTeX, whatever the user's matplotlibrc says.
-DATA_TEXT = {"parse_math": False, "usetex": False}
 
 
 class FigureError(ValueError):

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from hpcwalk.colors import DATA_TEXT
 from hpcwalk.colors import color as _color
-DATA_TEXT = {"parse_math": False, "usetex": False}  # model names are data: never mathtext ($...$) or LaTeX
 
 
 def _figure(ncols: int, figsize: tuple[float, float]):
@@ -148,7 +148,7 @@ def fig_yardsticks(summary: dict[str, Any]):
         ax.axhline(0, color="gray", lw=1, ls="--")
         ax.set_xlabel("gamma bin (centre)")
         ax.set_ylabel("KID vs endpoint frames")
-        ax.set_title(f"KID per gamma bin ({k['label']})", fontsize=9)
+        ax.set_title(f"KID per gamma bin ({k['label']})", fontsize=9, **DATA_TEXT)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -429,7 +429,8 @@ def _yardsticks(out: dict[str, Any], study: Study, frames: pa.Table, walks: pa.T
         out["kid"][prefix] = {"label": label, "bins": res["bins"], "per_bin": res["per_bin"]}
         name = f"kid_{prefix}"
         ys[name] = {"label": f"KID ({label} features)",
-                    **yardsticks.compare_set_values(res["estimate"], res["boots"], res["swap_terms"], "lower", conf),
+                    **yardsticks.compare_set_values(res["estimate"], res["boots"], res["swap_terms"], len(pairs),
+                                                    "lower", conf),
                     "agreement": yardsticks.agreement(clip_pairs, res["per_pair"], "lower", n_boot, conf)}
     out["yardsticks"] = ys
     lpips = meta.get("lpips", "none")

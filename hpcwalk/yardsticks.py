@@ -136,13 +136,13 @@ def compare_walk_values(per_pair: dict[str, np.ndarray], better: str, n_boot: in
 
 
 def compare_set_values(estimate: dict[str, float], boots: dict[str, np.ndarray],
-                       swap_terms: dict[tuple[str, str], np.ndarray], better: str, confidence: float) -> dict[str, Any]:
+                       swap_terms: dict[tuple[str, str], np.ndarray], n: int, better: str, confidence: float
+                       ) -> dict[str, Any]:
     """The same from set-level estimates and bootstrap replicates drawn with shared weights (the intervals); the
     p-value of a - b is the exact test of swapping the two methods' frames within pairs, a sign-flip test on
     `swap_terms[(a, b)]` (metrics.kid_swap_terms; a percentile bootstrap p-value reads 0 with 3 pairs, whose
-    10 distinct resamples may all fall on one side of 0)."""
+    10 distinct resamples may all fall on one side of 0). n: the seed pairs."""
     methods = list(estimate)
-    n = len(next(iter(swap_terms.values())))
     per_method = {m: metrics.interval_from_boots(estimate[m], boots[m], n, confidence).as_dict() for m in methods}
     tests = {}
     for i, a in enumerate(methods):
@@ -237,7 +237,9 @@ def degenerate(summary_part: Any, path: str = "") -> list[str]:
 def random_models(meta: dict[str, str], lpips: str) -> list[str]:
     """The models of this study that have random weights (names as the metadata states them)."""
     out = []
-    if meta.get("model_id") in ("tiny", "sd14-random"):
+    from hpcwalk.weights import BUILTIN_MODELS
+
+    if meta.get("model_id") in BUILTIN_MODELS:
         out.append(f"the Stable Diffusion model ({meta['model_id']})")
     for key in ("clip_model", "clip2_model"):
         if meta.get(key, "").endswith("/none"):

@@ -214,3 +214,16 @@ def test_full_disk_during_render_loses_no_committed_shard_and_the_rerun_complete
 
     got, want = (read_frames(str(d)).sort_by("frame_id").replace_schema_metadata(None) for d in (out, ref))
     assert got.equals(want)
+
+
+def test_the_kid_figure_draws_an_encoder_name_as_text():
+    """The encoder's name (a folder path, here with unbalanced $...$) is data in the KID panel's title too."""
+    import io
+
+    from hpcwalk.report import fig_yardsticks
+
+    iv = {"estimate": 0.1, "low": 0.0, "high": 0.2}
+    fig = fig_yardsticks({"kid": {"encoder": {"label": f"/models/{MATH}", "bins": [[0.1, 0.4], [0.5, 0.9]],
+                                              "per_bin": {"slerp": [iv, iv]}}}})
+    fig.savefig(io.BytesIO(), format="png")  # mathtext raised ValueError on the title here
+    assert MATH in fig.axes[0].get_title()

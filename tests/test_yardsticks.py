@@ -202,13 +202,14 @@ def test_kendall_tau_b_equals_scipy():
 
 
 def _synthetic_study(pairs: int, shift: dict[str, float], seed: int = 0):
-    """A study's frames without rendering: CLIP and encoder features, interior frames shifted per method."""
+    """A study's frames without rendering: CLIP and encoder features, interior frames shifted per method
+    (the study's methods are the keys of `shift`)."""
     import pyarrow as pa
 
     from hpcwalk.study import parse_study
 
     data = tomllib.loads((ROOT / "examples" / "study.toml").read_text())
-    data["study"].update(pairs=pairs, frames=7, bootstrap=1000, bins=3)
+    data["study"].update(pairs=pairs, frames=7, bootstrap=1000, bins=3, methods=list(shift))
     st = parse_study(data)
     rng = np.random.default_rng(seed)
     D = 16
@@ -217,7 +218,7 @@ def _synthetic_study(pairs: int, shift: dict[str, float], seed: int = 0):
         ends = rng.normal(size=(2, D))
         for j, m in enumerate(st.spec.methods):
             for i in range(7):
-                rows.append({"walk": name, "method": m, "index": i, "latent_norm": 1.0, "sharpness": 100.0 - j + pair + (rng.normal() if shift["slerp"] >= 0 else 0),
+                rows.append({"walk": name, "method": m, "index": i, "latent_norm": 1.0, "sharpness": 100.0 - j + pair + (rng.normal() if shift.get("slerp", 0) >= 0 else 0),
                              "clip_score": float(20 + j + rng.normal())})
                 for col in feats:
                     v = ends[0] if i == 0 else ends[1] if i == 6 else rng.normal(size=D) + shift[m] * np.eye(D)[0]
@@ -286,3 +287,16 @@ def test_kid_swap_terms_give_every_swapped_difference():
     for u in itertools.product([1, -1], repeat=P):
         swap = (np.array(u) < 0)[:, None, None]
         assert kid(np.where(swap, b, a)) - kid(np.where(swap, a, b)) == pytest.approx(np.dot(u, v) / (P * (P - 1)), abs=1e-9)
+
+
+def test_a_one_method_study_and_every_random_built_in_are_reported():
+    """One method: nothing to compare, but the analysis runs (KID's comparison list is empty: it raised
+    StopIteration); tiny-v and sd21-random are random-weight models like tiny and sd14-random."""
+    from hpcwalk.study import summarize, walk_table
+
+    st, frames = _synthetic_study(5, {"slerp": 0.0})
+    for model in ("tiny-v", "sd21-random"):
+        s = summarize(st, frames, walk_table(st, frames), {"clip_model": "m/openai", "encoder_model": "dino",
+                                                           "model_id": model, "lpips": "alex"})
+        assert s["yardsticks"]["kid_clip"]["paired"] == {} and "KID (CLIP features): slerp" in s["answer"]
+        assert any(f"Random weights: the Stable Diffusion model ({model})" in w for w in s["warnings"])
