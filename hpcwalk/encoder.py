@@ -49,10 +49,10 @@ class EncoderLoadError(ModelLoadError):
 
 
 def hub_cache() -> str:
-    """The Hugging Face hub cache folder, read from the environment now (HF_HUB_CACHE, HF_HOME/hub)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    return os.path.join(os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+    """The Hugging Face hub cache folder, read from the environment now: the SD loader's (weights.hub_cache_dir)."""
+    from hpcwalk.weights import hub_cache_dir
+
+    return str(hub_cache_dir())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -178,10 +178,8 @@ def paired_test(a: np.ndarray, b: np.ndarray, n_boot: int = N_BOOT, confidence: 
                 seed: int = 0) -> tuple[Interval, float]:
     """Mean of a_i - b_i over paired units with its bootstrap CI (as `paired_difference`) and the sign-flip
     test's p-value (exact for few units, where a bootstrap p-value would be far too small)."""
-    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    if d.ndim != 1 or d.size == 0:
-        raise ValueError(f"paired_test needs two non-empty 1-D samples of one shape, got {d.shape}")
-    return bootstrap_ci(d, n_boot, confidence, seed), sign_flip_p_value(d, n_boot, seed)
+    iv = paired_difference(a, b, n_boot, confidence, seed)  # checks the shapes (and a non-empty 1-D sample)
+    return iv, sign_flip_p_value(np.asarray(a, np.float64) - np.asarray(b, np.float64), n_boot, seed)
 
 
 def holm(p: np.ndarray) -> np.ndarray:

@@ -287,8 +287,6 @@ def check_memory(job: "RenderJob") -> None:
     A lower bound, so only hopeless sizes are refused: the VAE decoder's last block holds about three
     (B, C, H, W) activations at full resolution (C = 128 in SD 1.x, the preset's own for built-ins),
     plus the (B, 3, H, W) float32 image; the host holds a shard's uint8 frames and their encoded copies."""
-    import torch
-
     from hpcwalk.models import DTYPES, PRESETS, resolve_device
 
     device = resolve_device(job.render.device)
@@ -299,7 +297,12 @@ def check_memory(job: "RenderJob") -> None:
     on_device = b * pixels * (3 * channels * elt + 3 * 4)
     on_host = min(job.output.shard_size, MAX_PLAN_FRAMES) * pixels * 3 * 2
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+        from hpcwalk.memory import free_memory
+
+        try:  # the same figure as the measured check after loading (memory.py), HPCWALK_DEVICE_MEMORY_MIB included
+            free = free_memory(device)[0]
+        except ValueError as e:
+            raise JobError(str(e)) from None
         host = available_memory()
         if host is not None and on_host > host:
             raise JobError(f"a shard of {job.output.shard_size:,} frames at {s.width}x{s.height} holds at least "

@@ -71,9 +71,12 @@ step() {  # step NAME MIN_SECONDS_LEFT CAP_SECONDS CMD...: run CMD under min(tim
   local rc=$? outcome=ok
   [ "$rc" -ne 0 ] && outcome=failed
   [ "$rc" -eq 124 ] && outcome="timed out"
-  local wrote; wrote=$(cd "$OUT" && ls -t -- *.json *.xml 2>/dev/null | head -1)
-  say "end $name: $outcome (exit $rc, $(( $(date +%s) - t0 ))s)"
-  STEPS+=("\"$name\": {\"outcome\": \"$outcome\", \"exit\": $rc, \"seconds\": $(( $(date +%s) - t0 )), \"newest_file\": \"$wrote\"}")
+  local dt=$(( $(date +%s) - t0 ))
+  # the newest result file this step wrote ("" when it wrote none: not an earlier step's file)
+  local wrote; wrote=$(cd "$OUT" && find . -maxdepth 1 \( -name '*.json' -o -name '*.xml' \) -newermt "@$t0" \
+    -printf '%T@ %f\n' 2>/dev/null | sort -rn | head -1 | cut -d' ' -f2-)
+  say "end $name: $outcome (exit $rc, ${dt}s)"
+  STEPS+=("\"$name\": {\"outcome\": \"$outcome\", \"exit\": $rc, \"seconds\": $dt, \"newest_file\": \"$wrote\"}")
 }
 
 # --- 1. environment: carried wheels, hpcwalk importable as hpcwalk + hpcwalk.kernels without a build

@@ -71,3 +71,13 @@ def test_uncached_encoder_fails_before_any_work(tmp_path, monkeypatch):
     assert res.exit_code == 2, res.output
     assert f"encoder weights {REPO} are not in the local cache" in res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_the_encoder_looks_in_the_sd_loaders_cache(tmp_path, monkeypatch):
+    """HF_HOME unset, XDG_CACHE_HOME set: the encoder's cache is the one `hpcwalk models` and the SD loader use."""
+    from hpcwalk.encoder import hub_cache
+
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_HOME", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert hub_cache() == str(tmp_path / "huggingface" / "hub")

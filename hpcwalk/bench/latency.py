@@ -219,14 +219,18 @@ def main(argv: list[str] | None = None, default_out: str = common.DEFAULT_OUT) -
     load0 = common.load_average()
     rows: list[dict[str, Any]] = []
     # 2. UNet and VAE per dtype x attention x compile mode (one model per dtype; a fresh one after
-    #    xformers, whose attention processors change the modules in place)
+    #    xformers, whose attention processors change the modules in place, and after each config when FP8 or
+    #    fused QKV rewrites the layers: applied twice they would quantize float8 or fuse fused weights)
+    rewrites = a.quantize != "none" or "fuse_qkv" in _list(a.levers)
     for dtype in _list(a.dtypes):
         c = None
         for attention in attentions:
-            c = c or load_components(a.model, dtype, a.device)
             for mode in modes:
+                c = c or load_components(a.model, dtype, a.device)
                 torch._dynamo.reset()
                 rows += unet_rows(a, c, mode, attention, dtype)
+                if rewrites:
+                    c = None
             if attention == "xformers":
                 c = None
         del c
