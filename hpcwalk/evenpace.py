@@ -75,9 +75,9 @@ def place_final(job: RenderJob, out: str, shards: Sequence[Shard], todo: Sequenc
     walks = even_walks(job)
     if not walks:
         return Placed(list(todo), {}, [])
-    checked = verify_run(out, level)  # type: ignore[arg-type]
-    ok = {c.index: c for c in checked.ok}
     holders = _coarse_shards(shards)
+    checked = verify_run(out, level, only=set().union(*holders.values()))  # type: ignore[arg-type]
+    ok = {c.index: c for c in checked.ok}
     plans: dict[str, dict[str, Any]] = {}
     waits: dict[str, str] = {}
     lines: list[str] = []
@@ -91,7 +91,7 @@ def place_final(job: RenderJob, out: str, shards: Sequence[Shard], todo: Sequenc
         existing = _read_json(out, plan_path(out, w.name))
         if existing is not None:
             plans[w.name] = existing
-            changed = [int(k) for k, sha in existing["coarse_shards"].items() if int(k) in ok and _sha(out, ok[int(k)]) != sha]
+            changed = [int(k) for k, sha in existing["coarse_shards"].items() if int(k) in ok and ok[int(k)].sha256 != sha]
             if changed:
                 warnings.warn(RunWarning(f"walk {w.name!r}: coarse shard(s) {changed} changed since its pacing plan "
                                          f"was made ({plan_path(out, w.name)}); the plan is kept"), stacklevel=3)
@@ -176,7 +176,7 @@ def make_plan(job: RenderJob, w: Walk, out: str, coarse: dict[int, Any]) -> dict
         methods[m] = {"coarse_frames": len(rows), "distances": dist, "final_gammas": gammas, "reuse": reuse,
                       "step_cv_coarse": step_cv(d), "segment_step_cv_coarse": segment_cv(rows, d)}
     return {"walk": w.name, "job_fingerprint": job.fingerprint(), "measure": measure, "pace_method": w.pace_method,
-            "coarse_shards": {str(i): _sha(out, coarse[i]) for i in sorted(coarse)}, "methods": methods}
+            "coarse_shards": {str(i): coarse[i].sha256 for i in sorted(coarse)}, "methods": methods}
 
 
 def step_cv(d: np.ndarray) -> float | None:
@@ -223,13 +223,6 @@ def _coarse_frames_of(out: str, walk: str, files: list[str], measure: str, pace_
             if r["walk"] == walk and r["pace_pass"] == pace_pass:
                 by.setdefault(r["method"], []).append(r)
     return {m: sorted(rs, key=lambda r: r["index"]) for m, rs in by.items()}
-
-
-def _sha(out: str, check: Any) -> str:
-    """The sha256 a verified shard's commit marker records."""
-    fs, _ = filesystem(out)
-    with fs.open_input_stream(check.marker) as f:
-        return str(json.loads(f.read())["sha256"])
 
 
 def _read_json(out: str, path: str) -> dict[str, Any] | None:
@@ -286,10 +279,13 @@ def measure_after(job: RenderJob, out: str, shards: Sequence[Shard], rendered: s
                   ) -> list[str]:
     """step_cv of each even walk's final frames, once they are all committed: RUN/pacing/<walk>.steps.json
     (rewritten when final shards of the walk rendered in this run, or when it is missing); one line per method."""
-    checked = {c.index: c for c in verify_run(out, level).ok}  # type: ignore[arg-type]
+    walks = even_walks(job)
+    finals = {w.name: sorted({s.index for s in shards for r in s.rows if r.walk == w.name and r.stage}) for w in walks}
+    only = {i for mine in finals.values() for i in mine}  # the shards read here: the final passes
+    checked = {c.index: c for c in verify_run(out, level, only=only).ok} if only else {}  # type: ignore[arg-type]
     lines = []
-    for w in even_walks(job):
-        mine = sorted({s.index for s in shards for r in s.rows if r.walk == w.name and r.stage})
+    for w in walks:
+        mine = finals[w.name]
         plan = _read_json(out, plan_path(out, w.name))
         if plan is None or not mine or any(i not in checked for i in mine):
             continue

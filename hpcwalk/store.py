@@ -26,7 +26,7 @@ import re
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Collection, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -367,10 +367,11 @@ def damage_message(uri: str, what: str, action: str = "left out") -> str:
             f"shards again), or remove them now with `hpcwalk verify {uri} --repair`")
 
 
-def verify_run(uri: str, level: VerifyLevel = DEFAULT_LEVEL) -> RunShards:
-    """Check every shard of a run against its marker (`quick`: present and size; `full`: also sha256)."""
+def verify_run(uri: str, level: VerifyLevel = DEFAULT_LEVEL, only: Collection[int] | None = None) -> RunShards:
+    """Check every shard of a run against its marker (`quick`: present and size; `full`: also sha256);
+    `only`: just the shards with these indices."""
     fs, root = filesystem(uri)
-    return RunShards(uri, level, check_shards(fs, root, level))
+    return RunShards(uri, level, check_shards(fs, root, level, only=only))
 
 
 def read_shard(uri: str, path: str, columns: list[str] | None = None) -> pa.Table | None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Literal
+from typing import Collection, Literal
 
 import pyarrow.fs as pafs
 
@@ -57,6 +57,7 @@ class ShardCheck:
     marker: str | None  # path of the marker, when there is one
     rows: int = 0  # rows the marker records
     detail: str = ""
+    sha256: str = ""  # the marker's sha256 (an ok shard's)
 
     @property
     def ok(self) -> bool:
@@ -74,8 +75,10 @@ def check_level(level: str) -> VerifyLevel:
 
 
 def check_shards(fs: pafs.FileSystem, root: str, level: VerifyLevel = DEFAULT_LEVEL,
-                 data_dir: str = FRAMES_DIR, commits_dir: str = COMMITS_DIR) -> list[ShardCheck]:
-    """Every shard of the folder at `root` (markers and Parquet files), in shard order, then stray files."""
+                 data_dir: str = FRAMES_DIR, commits_dir: str = COMMITS_DIR,
+                 only: Collection[int] | None = None) -> list[ShardCheck]:
+    """Every shard of the folder at `root` (markers and Parquet files), in shard order, then stray files;
+    `only`: just the shards with these indices (and their stray files), for a reader of a few shards."""
     check_level(level)
     data = _listing(fs, f"{root}/{data_dir}")
     markers = _listing(fs, f"{root}/{commits_dir}")
@@ -83,6 +86,8 @@ def check_shards(fs: pafs.FileSystem, root: str, level: VerifyLevel = DEFAULT_LE
     marked = {n[: -len(MARKER_SUFFIX)] for n in markers if n.startswith("shard-") and n.endswith(MARKER_SUFFIX)}
     out = []
     for name in sorted(shards | marked, key=_index_key):
+        if only is not None and _index(name) not in only:
+            continue
         parquet = f"{root}/{data_dir}/{name}.parquet" if name in shards else None
         marker = f"{root}/{commits_dir}/{name}{MARKER_SUFFIX}" if name in marked else None
         out.append(_check_one(fs, name, parquet, data.get(f"{name}.parquet"), marker, level))
@@ -90,6 +95,8 @@ def check_shards(fs: pafs.FileSystem, root: str, level: VerifyLevel = DEFAULT_LE
         for n in sorted(names):
             if n.startswith(".") and TMP_SUFFIX in n:
                 target = n[1:].split(TMP_SUFFIX)[0]
+                if only is not None and _index(target) not in only:
+                    continue
                 out.append(ShardCheck(n, "stray temp file", _index(target), f"{root}/{folder}/{n}", None,
                                       detail=f"{folder}/{n}, {names[n]} bytes"))
     return out
@@ -153,7 +160,7 @@ def _check_one(fs: pafs.FileSystem, name: str, parquet: str | None, size: int | 
         if got != want_sha:
             return ShardCheck(name, "checksum mismatch", index, parquet, marker, rows,
                               f"sha256 {got[:12]}..., marker says {want_sha[:12]}...")
-    return ShardCheck(name, "ok", index, parquet, marker, rows)
+    return ShardCheck(name, "ok", index, parquet, marker, rows, sha256=want_sha)
 
 
 def _listing(fs: pafs.FileSystem, folder: str) -> dict[str, int]:

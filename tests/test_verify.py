@@ -213,3 +213,17 @@ def test_a_dead_drivers_lock_is_taken_over_with_a_message(job_file, tmp_path):
     assert f"pid {gone.pid} is no longer running on this host" in res.stderr
     assert "done: 10 frames in 5 shards rendered" in res.stdout
     assert sorted(os.listdir(out)) == ["commits", "frames", "run.json"]  # the lock is gone after the run
+
+
+def test_verify_run_only_checks_the_shards_asked_for(run):
+    """`only`: the shards a reader of a few shards needs (even pacing's coarse or final pass), checked in full;
+    the others are not read at all (shard 1's flipped byte and shard 2's stray temp file go unseen)."""
+    from hpcwalk.store import verify_run
+
+    damage(run, "checksum mismatch", shard=1)
+    damage(run, "stray temp file", shard=2)
+    some = verify_run(run, "full", only={0})
+    assert [(c.name, c.state) for c in some.checks] == [("shard-00000", "ok")] and some.checks[0].sha256
+    marker = json.load(open(os.path.join(run, "commits", "shard-00000.done.json")))
+    assert some.checks[0].sha256 == marker["sha256"]
+    assert {c.state for c in verify_run(run, "full", only={1, 2}).checks} == {"checksum mismatch", "ok", "stray temp file"}
