@@ -235,7 +235,7 @@ def walk_table(study: Study, frames: pa.Table, steps: Any = None) -> pa.Table:
     embs = {p: _embeddings(frames[f"{p}_image"]) for p in prefixes}
     sharp = frames["sharpness"].to_numpy() if "sharpness" in frames.column_names else None
     step_of = _step_lookup(steps)
-    starts = {(w, m): i for i, (w, m) in enumerate(zip(walk, method)) if i == 0 or (walk[i - 1], method[i - 1]) != (w, m)}
+    starts = _walk_starts(walk, method)
     rows: list[dict[str, Any]] = []
     for name, pair, k in spec.units():
         for m in spec.methods:
@@ -285,6 +285,11 @@ def _step_lookup(steps: Any):
 def analysed_pairs(walks: pa.Table) -> list[int]:
     """The seed pairs a walk table covers (those with every walk complete), in order."""
     return sorted(set(walks["pair"].to_pylist()))
+
+
+def _walk_starts(walk: np.ndarray, method: np.ndarray) -> dict[tuple[str, str], int]:
+    """(walk, method) -> the row where its run of frames starts, in frames sorted by `_sorted`."""
+    return {(w, m): i for i, (w, m) in enumerate(zip(walk, method)) if i == 0 or (walk[i - 1], method[i - 1]) != (w, m)}
 
 
 def _embeddings(col: pa.ChunkedArray) -> np.ndarray:
@@ -408,9 +413,8 @@ def _yardsticks(out: dict[str, Any], study: Study, frames: pa.Table, walks: pa.T
         if y.name != "interp_score":
             ys[y.name]["agreement"] = yardsticks.agreement(clip_pairs, per, y.better, n_boot, conf)
     # KID per gamma bin on CLIP's and the encoder's features, pairs resampled with one set of weights
-    frames = _sorted(frames)
-    walk, method = frames["walk"].to_numpy(zero_copy_only=False), frames["method"].to_numpy(zero_copy_only=False)
-    starts = {(w, m): i for i, (w, m) in enumerate(zip(walk, method)) if i == 0 or (walk[i - 1], method[i - 1]) != (w, m)}
+    starts = _walk_starts(frames["walk"].to_numpy(zero_copy_only=False),  # frames: sorted by summarize
+                          frames["method"].to_numpy(zero_copy_only=False))
 
     pairs = analysed_pairs(walks)
 
