@@ -56,7 +56,7 @@ def check_fp8(quantize: str, device: torch.device) -> None:
     """Raise CompileError unless the FP8 path can run on `device`: GPU, torchao version, torchao import."""
     import torch
 
-    from hpcwalk.compile import CompileError
+    from hpcwalk.compile import CompileError, _first_line
 
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
     version = torchao_version()
@@ -66,9 +66,9 @@ def check_fp8(quantize: str, device: torch.device) -> None:
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig  # noqa: F401
     except Exception as e:  # a torchao built for another torch can fail at import
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise CompileError(f"[compile] quantize = {quantize!r}: torchao {version} does not import here ({first}): "
-                           f"install a torchao built for torch {torch.__version__}, or set quantize = 'none'") from None
+        raise CompileError(f"[compile] quantize = {quantize!r}: torchao {version} does not import here "
+                           f"({_first_line(e)}): install a torchao built for torch {torch.__version__}, or set "
+                           "quantize = 'none'") from None
 
 
 def fp8_eligible(module: torch.nn.Module) -> bool:

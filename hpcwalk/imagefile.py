@@ -13,6 +13,8 @@ import hashlib
 import os
 
 import numpy as np
+
+from hpcwalk.validate import first_line
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Modes PIL converts to RGB without losing meaning; the others (16/32-bit integer, float, HSV, LAB)
@@ -73,11 +75,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     rgba = img.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(white, rgba).convert("RGB")
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def image_sha256(path: str | os.PathLike) -> str:

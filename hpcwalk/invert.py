@@ -29,10 +29,11 @@ import torch
 
 import hpcwalk
 from hpcwalk.engine import Renderer
-from hpcwalk.imagefile import (ALPHA_MODES, MAX_IMAGE_PIXELS, PREPROCESS, RGB_MODES, ImageError,  # noqa: F401
-                               first_line, image_sha256, load_image)
+from hpcwalk.imagefile import ImageError, PREPROCESS, image_sha256, load_image  # noqa: F401  (ImageError: the API's)
+from hpcwalk.metrics import psnr
 from hpcwalk.models import SDComponents
 from hpcwalk.validate import MAX_INVERT_REFINE as MAX_REFINE  # fixed-point iterations per inversion step
+from hpcwalk.validate import first_line
 
 log = logging.getLogger(__name__)
 
@@ -120,15 +121,6 @@ def _check_steps(config: dict, steps: int) -> None:
 def _check_refine(refine: int) -> None:
     if isinstance(refine, bool) or not isinstance(refine, int) or not 0 <= refine <= MAX_REFINE:
         raise ValueError(f"refine (fixed-point iterations per inversion step) must be an int in 0..{MAX_REFINE}, got {refine!r}")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """10 log10(255^2 / mean((a - b)^2)) in dB over uint8 images of one shape; inf where they are equal"""
-    a, b = np.asarray(a), np.asarray(b)
-    if a.shape != b.shape:
-        raise ValueError(f"psnr needs images of one shape, got {a.shape} and {b.shape}")
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,6 +77,15 @@ def smoothness(emb: np.ndarray) -> Smoothness:
     return Smoothness(float(d.sum()), float(d.max()), mean, std, std / mean if mean > 0 else 0.0)
 
 
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """10 log10(255^2 / mean((a - b)^2)) in dB over uint8 images (or stacks) of one shape; inf where they are equal."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        raise ValueError(f"psnr needs images of one shape, got {a.shape} and {b.shape}")
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
 def linear_norm_ratio(gamma: np.ndarray) -> np.ndarray:
     """Expected ||(1-g) a + g b|| / ||a|| for independent N(0, I) endpoints: sqrt((1-g)^2 + g^2)."""
     g = np.asarray(gamma, np.float64)

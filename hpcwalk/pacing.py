@@ -21,6 +21,7 @@ import numpy as np
 
 from hpcwalk.validate import EXPONENT_RANGE  # noqa: F401  (beyond it the curve puts almost every frame at one end)
 from hpcwalk.validate import MAX_AUDIO_FPS as MAX_FPS
+from hpcwalk.validate import first_line
 
 EASINGS = ("linear", "ease-in", "ease-out", "ease-in-out")
 Easing = Literal["linear", "ease-in", "ease-out", "ease-in-out"]
@@ -217,7 +218,7 @@ def decode_audio(path: str | os.PathLike, sample_rate: int = AUDIO_RATE) -> np.n
     try:
         container = av.open(p)
     except (av.FFmpegError, UnicodeDecodeError) as e:
-        raise AudioError(f"{p!r} is not an audio file FFmpeg can read ({_first_line(e)}): "
+        raise AudioError(f"{p!r} is not an audio file FFmpeg can read ({first_line(e)}): "
                          "pass a WAV, MP3, AAC, FLAC or Opus file") from None
     limit = int(MAX_AUDIO_S * sample_rate)
     chunks: list[np.ndarray] = []
@@ -237,16 +238,11 @@ def decode_audio(path: str | os.PathLike, sample_rate: int = AUDIO_RATE) -> np.n
             for out in resampler.resample(None):  # flush the resampler
                 chunks.append(out.to_ndarray().reshape(-1))
         except av.FFmpegError as e:
-            raise AudioError(f"{p!r}: the audio stream is damaged ({_first_line(e)}): re-encode or replace the file") from None
+            raise AudioError(f"{p!r}: the audio stream is damaged ({first_line(e)}): re-encode or replace the file") from None
     y = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
     if y.size == 0:
         raise AudioError(f"{p!r} holds no audio samples: pass a file with sound")
     return y
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 @dataclass(frozen=True)

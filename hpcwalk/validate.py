@@ -403,6 +403,12 @@ def check_score(run: str, clip_model: str, pretrained: str | None, device: str, 
     return preflight_score(run, clip_model, pretrained, overwrite, prompt), dev, dt, pretrained
 
 
+
+def first_line(e: BaseException) -> str:
+    """An exception's message, its first line only (its type's name when it has none): for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
 # ---------------------------------------------------------------------------------------------
 # 4. Prompts the text encoder cuts
 # ---------------------------------------------------------------------------------------------

@@ -7,13 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcwalk.framestats import LUMA  # BT.709 on 0..255, as skimage.color.rgb2gray
-
-
-def psnr(ref: np.ndarray, test: np.ndarray) -> float:
-    """10 log10(255^2 / MSE), the MSE over every pixel of every frame; inf for identical stacks."""
-    mse = float(np.mean((ref.astype(np.float64) - test.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+from hpcwalk.framestats import LUMA  # noqa: F401  (BT.709 on 0..255, as skimage.color.rgb2gray)
+from hpcwalk.metrics import psnr
 
 
 def sharpness(frames: np.ndarray) -> np.ndarray:
