@@ -233,8 +233,12 @@ class SpeedModules:
     unet: Callable[..., Any]  # unet(x, t, encoder_hidden_states=..., return_dict=False)
     vae_decode: Callable[[torch.Tensor], torch.Tensor]  # scaled latents -> image (N, 3, H, W) in [-1, 1]
     postprocess: Callable[[torch.Tensor], torch.Tensor]  # image -> uint8 (N, H, W, 3)
-    cuda_graphs: bool = False
     quantized_layers: int = 0  # UNet Linear layers on the FP8 path (`quantize`)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """The compiled calls replay CUDA graphs (the config's mode)."""
+        return self.config.cuda_graphs
 
     def mark_step(self) -> None:
         """Before each compiled call under CUDA graphs: earlier outputs may now be overwritten."""
@@ -301,7 +305,7 @@ def prepare(config: CompileConfig, components: Any, scheduler: str | None = None
     if config.cudnn_benchmark:
         unet_fn, decode_fn = _within(cudnn_benchmark, unet_fn), _within(cudnn_benchmark, decode_fn)
     post = decode_postprocess if config.postprocess == "fused" else reference
-    return SpeedModules(config, unet_fn, decode_fn, post, cuda_graphs=config.cuda_graphs, quantized_layers=quantized)
+    return SpeedModules(config, unet_fn, decode_fn, post, quantized_layers=quantized)
 
 
 def compiled(fn: Callable[..., Any], config: CompileConfig) -> Callable[..., Any]:

@@ -250,10 +250,12 @@ def with_reused(store: ShardStore, shard: Shard, rendered: pa.Table | None, heig
     (every column but the provenance ones, which are the final row's; `shard` is this shard)."""
     names = {f.name for f in PROVENANCE_FIELDS}
     coarse: dict[int, pa.Table] = {}
+    at: dict[str, int] = {}  # coarse frame id -> its row in its shard's table
     for r in shard.rows:
         if r.reused_from is not None and r.reuse_shard not in coarse:
             t = pq.read_table(f"{store.frames}/shard-{r.reuse_shard:05d}.parquet", filesystem=store.fs)
             coarse[r.reuse_shard] = t
+            at.update((fid, k) for k, fid in enumerate(t.column("frame_id").to_pylist()))
     template = rendered if rendered is not None and rendered.num_rows else next(iter(coarse.values()))
     rest = [n for n in template.column_names if n not in names]
     pieces, k = [], 0
@@ -262,10 +264,7 @@ def with_reused(store: ShardStore, shard: Shard, rendered: pa.Table | None, heig
             pieces.append(rendered.select(rest).slice(k, 1))
             k += 1
         else:
-            t = coarse[r.reuse_shard]
-            row = t.column_names.index("frame_id")
-            at = t.column(row).to_pylist().index(r.reused_from)
-            pieces.append(t.select(rest).slice(at, 1))
+            pieces.append(coarse[r.reuse_shard].select(rest).slice(at[r.reused_from], 1))
     body = pa.concat_tables([p.replace_schema_metadata(None) for p in pieces], promote_options="default")
     body = body.set_column(body.column_names.index("shard"), "shard", pa.array([shard.index] * body.num_rows, pa.int32()))
     head = frames_table(list(shard.rows), [b""] * len(shard.rows), np.zeros(len(shard.rows)), shard.index, height, width)

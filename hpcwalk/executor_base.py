@@ -63,7 +63,7 @@ def bind_run(renderer: Renderer, job: RenderJob, store: ShardStore) -> None:
     endpoints (hpcwalk/endpoints.py; none without images walks)."""
     from hpcwalk.endpoints import bind
 
-    bind(renderer, job, store.uri if "://" in store.uri else store.root)
+    bind(renderer, job, store.location)
 
 
 @dataclass

@@ -268,7 +268,7 @@ def run_render(job: RenderJob, out: str, shards: Sequence[Shard], overwrite: boo
             store = ShardStore(out, job, overwrite=overwrite, metadata=run_metadata(job, scheduler_config))
             # 4. image endpoints: inverted once, on one worker, before any shard (cached in RUN/inversions)
             if inputs is not None:
-                uri = store.uri if "://" in store.uri else store.root
+                uri = store.location
                 records = ex.call(endpoints.invert_missing, job, uri, inputs)
                 endpoints.write_index(out, records)
                 summary.notes += endpoints.describe(records)

@@ -11,7 +11,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from hpcwalk.job import METHODS, TEXT_METHODS  # the names live with the job schema (torch-free)
+from hpcwalk.job import METHODS, MIX_LAYOUTS, TEXT_METHODS  # the names live with the job schema (torch-free)
 
 SLERP_DOT_THRESHOLD = 0.9995
 
@@ -212,8 +212,8 @@ def mix(z_start: Tensor, z_end: Tensor, t, layout: str = "end-left") -> Tensor:
 
     Both give C(0) = z_start and C(W) = z_end. Pure indexing (exact copies).
     """
-    if layout not in ("end-left", "end-right"):
-        raise ValueError(f"unknown mix layout {layout!r}; valid layouts: end-left, end-right")
+    if layout not in MIX_LAYOUTS:
+        raise ValueError(f"unknown mix layout {layout!r}; valid layouts: {', '.join(MIX_LAYOUTS)}")
     z0, z1, out_dt = _pair_raw(z_start, z_end)
     width = z0.shape[-1]
     t = _steps(t, width, z0.device)  # (G,)

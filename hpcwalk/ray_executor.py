@@ -315,7 +315,7 @@ class RayExecutor:
         from ray.util import ActorPool
 
         self.start(job)
-        uri = store.uri if "://" in store.uri else store.root  # workers do not share our cwd
+        uri = store.location  # workers do not share our cwd
         attempts: dict[int, int] = defaultdict(int)
         results: dict[int, ShardResult] = {}
 

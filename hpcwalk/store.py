@@ -251,31 +251,18 @@ class ShardStore:
         try:
             self.fs.create_dir(self.frames, recursive=True)
             self.fs.create_dir(self.commits, recursive=True)
-            self._write_atomic(f"{self.root}/run.json", json.dumps(
+            write_atomic(self.fs, f"{self.root}/run.json", json.dumps(
                 {"job_fingerprint": self.job.fingerprint(), "hpcwalk_version": hpcwalk.__version__,
                  "source": self.job.source, "job": dataclasses.asdict(self.job), "metadata": self.metadata},
                 indent=2, default=str).encode())
         except OSError as e:
             raise StoreError(f"cannot write to output {self.uri!r}: {e}. Choose a writable --out") from None
 
-    def _read(self, path: str) -> bytes:
-        with self.fs.open_input_stream(path) as f:
-            return f.read()
-
-    def _write_atomic(self, path: str, data: bytes) -> None:
-        """Write to a hidden temporary name beside `path`, then rename into place.
-
-        The temporary name is fixed per target (`.shard-00003.parquet.tmp`): a retried shard
-        overwrites only its own leftover, and a killed attempt leaves at most one hidden file that
-        readers (pyarrow.dataset, DuckDB/Polars globs on *.parquet) skip.
-        """
-        write_atomic(self.fs, path, data)
-
-    # -- 2. resume ----------------------------------------------------------------------------
-
-    def committed(self) -> set[int]:
-        """Indices of committed shards (those with a marker)."""
-        return committed_shards(self.uri)
+    @property
+    def location(self) -> str:
+        """The run as another process names it: the URI of an object store, the absolute path of a local folder
+        (Ray workers and the inversion step do not share this process's working directory)."""
+        return self.uri if "://" in self.uri else self.root
 
     # -- 3. write ------------------------------------------------------------------------------
 
@@ -289,10 +276,10 @@ class ShardStore:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         data = buf.getvalue()
-        self._write_atomic(f"{self.frames}/{shard.name}.parquet", data)
+        write_atomic(self.fs, f"{self.frames}/{shard.name}.parquet", data)
         marker = CommitMarker(shard.index, table.num_rows, hashlib.sha256(data).hexdigest(), len(data),
                               timings or {}, device)
-        self._write_atomic(f"{self.commits}/{shard.name}.done.json",
+        write_atomic(self.fs, f"{self.commits}/{shard.name}.done.json",
                            json.dumps(dataclasses.asdict(marker), indent=2).encode())
         return marker
 
@@ -302,7 +289,11 @@ class ShardStore:
 
 def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """`data` to the hidden `.NAME.tmp` beside `path`, then renamed into place; a failed write (a full
-    disk) removes the temporary file and raises the OSError."""
+    disk) removes the temporary file and raises the OSError.
+
+    The temporary name is fixed per target (`.shard-00003.parquet.tmp`): a retried shard overwrites only its
+    own leftover, and a killed attempt leaves at most one hidden file that readers (pyarrow.dataset,
+    DuckDB/Polars globs on *.parquet) skip."""
     head, _, tail = path.rpartition("/")
     tmp = f"{head}/.{tail}.tmp"
     try:
