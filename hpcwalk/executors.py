@@ -256,11 +256,11 @@ def run_render(job: RenderJob, out: str, shards: Sequence[Shard], overwrite: boo
         if not todo:
             return summary
         try:
-            # 3. load the model on every worker before writing anything (and read the images walks' files),
-            #    then lock a new folder, open the store
+            # 3. read the images walks' files (before the minutes of model loading), load the model on every
+            #    worker before writing anything, then lock a new folder, open the store
+            inputs = endpoints.prepare(job)
             t0 = time.perf_counter()
             scheduler_config = ex.start(job)
-            inputs = endpoints.prepare(job)
             if inputs is not None:
                 ex.call(endpoints.check_settings, job)
             if not lock.held:
