@@ -216,15 +216,18 @@ class RunProgress:
     """The driver's one progress bar: frames, frames/s and ETA (tqdm), workers alive and retries."""
 
     def __init__(self, total: int, executor: Executor, enabled: bool = True):
-        from tqdm import tqdm
-
         self.executor = executor
         self.failed = 0
-        self.bar = tqdm(total=total, unit="frame", disable=not enabled, dynamic_ncols=True, file=sys.stderr,
-                        smoothing=0.1)
+        self.bar = None  # disabled: no tqdm at all, whose lock is shared with forked processes (one killed holding
+        if enabled:  # it would hang this one)
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="frame", dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
 
     def frames(self, n: int) -> None:
         """Count `n` rendered frames (0 only refreshes workers and retries)."""
+        if self.bar is None:
+            return
         self.bar.set_postfix(workers=self.executor.workers_alive, retries=self.executor.retries,
                              failed=self.failed, refresh=False)
         self.bar.update(n)
@@ -234,7 +237,8 @@ class RunProgress:
         self.frames(0)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def run_render(job: RenderJob, out: str, shards: Sequence[Shard], overwrite: bool = False,

@@ -3,8 +3,10 @@
     with RunLock(out).hold():        # raises RunLocked when another live driver holds it
         ...render...
 
-On a local or shared filesystem the lock is created with O_CREAT | O_EXCL, so of two drivers starting
-at once exactly one gets it. The holder refreshes the file's mtime every `HEARTBEAT_S` seconds. A lock
+On a local or shared filesystem the lock's content is written to a file beside it and hard-linked into
+place (link fails when the name exists), so of two drivers starting at once exactly one gets it, and a
+driver killed at any moment leaves either a whole lock or none (filesystems without hard links: an
+O_CREAT | O_EXCL create, then the write). The holder refreshes the file's mtime every `HEARTBEAT_S` seconds. A lock
 is stale, and is taken over with a `RunWarning` saying whose it was, when
   - it names this host and its pid is no longer running (or the pid now belongs to another process:
     the process start time recorded beside the pid differs), or
@@ -20,6 +22,8 @@ twice is still whole and counted once, and a marker that does not match its file
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import platform
@@ -38,6 +42,7 @@ from hpcwalk.verify import LOCK_NAME, RunWarning
 
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 600.0
+NEW_SUFFIX = ".new-"  # RUN/.hpcwalk.lock.new-XXXXXXXX: a lock's content before it is linked into place
 UNREADABLE_GRACE_S = 10.0  # an empty or unreadable lock younger than this is taken as being written
 
 
@@ -74,6 +79,7 @@ class RunLock:
         for _ in range(5):  # each pass either creates the lock, refuses, or removes a stale one and retries
             if self._create():
                 self.held = True
+                self._sweep()
                 self._start_heartbeat()
                 return
             holder, age = self.read()
@@ -153,22 +159,56 @@ class RunLock:
 
     def _create(self) -> bool:
         data = json.dumps(self.info).encode()
-        if self.local:
+        if self.local:  # written beside, then hard-linked into place: the lock appears whole or not at all
+            new = f"{self.path}{NEW_SUFFIX}{uuid.uuid4().hex[:8]}"
+            fd = os.open(new, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+                try:
+                    os.write(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.link(new, self.path)
+            except (FileExistsError, FileNotFoundError):  # another driver holds it (or swept our file): lost
                 return False
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
+            except OSError as e:  # a filesystem without hard links: create it in place
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                    raise
+                return self._create_in_place(data)
             finally:
-                os.close(fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(new)
             return True
         if self.fs.get_file_info(self.path).type == pafs.FileType.File:  # object store: advisory
             return False
         with self.fs.open_output_stream(self.path) as f:
             f.write(data)
         return True
+
+    def _create_in_place(self, data: bytes) -> bool:
+        """O_EXCL create, then write: a driver killed in between leaves an empty lock (refused for
+        UNREADABLE_GRACE_S, then taken over)."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def _sweep(self) -> None:
+        """Remove the lock-content files that drivers killed before linking them left (we hold the lock: a
+        driver writing one now finds it gone and stops, as it would on finding our lock)."""
+        if not self.local:
+            return
+        prefix = os.path.basename(self.path) + NEW_SUFFIX
+        for name in os.listdir(self.root):
+            if name.startswith(prefix):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.root, name))
 
     def _remove_stale(self, holder: dict[str, Any] | None) -> bool:
         """Move the stale lock away; True when it was the one judged (not a fresh lock taken meanwhile)."""

@@ -187,8 +187,8 @@ def preflight(uri: str, job: RenderJob, overwrite: bool = False) -> Literal["new
                     "choose another --out, or pass --overwrite to replace it"
                 )
             return "resume"
-        if [i for i in fs.get_file_info(pafs.FileSelector(root)) if not i.base_name.startswith(LOCK_NAME)]:
-            # never delete a folder we did not write, even with --overwrite (a lock alone is ours)
+        if [i for i in fs.get_file_info(pafs.FileSelector(root)) if not _opening_leftover(fs, i)]:
+            # never delete a folder we did not write, even with --overwrite
             raise StoreError(f"output {uri!r} exists, is not empty and is not an hpcwalk run: choose a new --out")
     if isinstance(fs, pafs.LocalFileSystem):
         anc = root
@@ -197,6 +197,17 @@ def preflight(uri: str, job: RenderJob, overwrite: bool = False) -> Literal["new
         if not os.path.isdir(anc) or not os.access(anc, os.W_OK | os.X_OK):
             raise StoreError(f"output {uri!r} is not writable ({anc!r} is not a writable folder): choose another --out")
     return "new"
+
+
+def _opening_leftover(fs: pafs.FileSystem, info: pafs.FileInfo) -> bool:
+    """What a driver killed while opening a new folder leaves before run.json is in place (its lock, the empty
+    frames/ and commits/, a partial .run.json.tmp): ours, so the rerun starts the run there."""
+    if info.base_name.startswith(LOCK_NAME):
+        return True
+    if info.type == pafs.FileType.File:
+        return info.base_name == ".run.json.tmp"
+    return (info.type == pafs.FileType.Directory and info.base_name in (FRAMES_DIR, COMMITS_DIR)
+            and not fs.get_file_info(pafs.FileSelector(info.path)))
 
 
 @dataclass

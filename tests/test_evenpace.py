@@ -192,9 +192,10 @@ def main(tmp: str, seed: int) -> dict:
     from hpcwalk import evenpace
     from hpcwalk.engine import Renderer
     from hpcwalk.store import committed_shards
-    from test_sigkill import _duration, _fork
+    from test_sigkill import _duration, _fork, watchdog
 
     warnings.simplefilter("ignore")
+    watchdog()
     torch.set_num_threads(1)
     rng = random.Random(seed)
     job = parse_job({"model": {"id": "tiny"}, "sampling": {"steps": 1, "height": 16, "width": 16},

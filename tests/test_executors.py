@@ -214,3 +214,42 @@ def test_local_executor_reports_a_commit_at_the_next_batch_boundary(job, rendere
     # shard 0's result comes before shard 1's second (last) batch, shard 1's before shard 2's
     assert events.index(("committed", 0)) < len(events) - 1 - events[::-1].index(("batch", 1))
     assert events.index(("committed", 1)) < len(events) - 1 - events[::-1].index(("batch", 2))
+
+
+_KILLED_HOLDING_TQDM = r"""
+import os, signal, sys
+from tqdm import tqdm
+from hpcwalk.executors import run_render
+from hpcwalk.job import load_job, plan, shard
+
+lock = tqdm.get_lock()  # a threading RLock and a multiprocessing RLock, the latter shared with forked children
+pid = os.fork()
+if pid == 0:  # a forked sibling (a killed render, a worker pool's child) dies while it holds tqdm's lock
+    lock.acquire()
+    os.kill(os.getpid(), signal.SIGKILL)
+os.waitpid(pid, 0)
+job = load_job(sys.argv[1])
+summary = run_render(job, sys.argv[2], shard(plan(job), job.output.shard_size), progress=False)
+assert not summary.failed, summary.failed
+"""
+
+
+def test_render_without_progress_never_waits_on_tqdms_process_shared_lock(tmp_path):
+    """run_render(progress=False) made a disabled tqdm bar, which still takes tqdm's multiprocessing lock: after
+    a forked process was SIGKILLed holding it, every later render in the parent hung (seen in CI, in the
+    SIGKILL trials). Without a bar, no tqdm lock is touched."""
+    import os
+
+    job_file = tmp_path / "job.toml"
+    job_file.write_text(tiny_job_toml(cat_walk(methods=["linear"], frames=2), steps=1, size=16)
+                        + "[clip]\nenabled = false\n")
+    script = tmp_path / "victim.py"
+    script.write_text(_KILLED_HOLDING_TQDM)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run([sys.executable, str(script), str(job_file), str(tmp_path / "run")],
+                              capture_output=True, text=True, timeout=60, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("run_render(progress=False) hung on tqdm's lock, held by a killed forked process")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ds.dataset(str(tmp_path / "run" / "frames")).count_rows() == 2

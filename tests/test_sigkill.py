@@ -4,7 +4,9 @@ the same command again; the final output holds every frame exactly once and equa
 The trials run in one fresh interpreter (this file run as a script), which builds the tiny model once
 and forks each victim from there: a render is the driver (`executors.run_render`, lock, resume,
 commit) on the already-built Renderer, a repair is the `hpcwalk verify --repair` command itself. The
-kill moment is drawn uniformly over the victim's measured duration (seeded: the seed is printed)."""
+kill moment is drawn uniformly over the victim's measured duration (seeded: the seed is printed); a
+victim that finishes first shrinks that window to what it took. Every wait is bounded: a hung child is
+sent SIGABRT (faulthandler prints its stacks) and a hung script prints its own before pytest's timeout."""
 
 from __future__ import annotations
 
@@ -43,9 +45,24 @@ def test_sigkill_during_render_and_repair_loses_nothing(tmp_path):
 # -- the trials (run as a script) ---------------------------------------------------------------------
 
 
+CHILD_HANG_S = 60  # a waited-for child (about 0.1 s of work) still running after this is hung
+TRIALS_HANG_S = 240  # the same for the whole script, before pytest-timeout's 300 s would hide where it hung
+
+
+def watchdog() -> None:
+    """A trial script still running after TRIALS_HANG_S prints every thread's stack and exits 1, and a hung
+    child prints its stacks on the SIGABRT `_fork` sends it: the test's failure then shows where it hung.
+    (faulthandler's fatal-signal handlers survive fork; its timer must not be touched in a child, whose
+    copy of the timer's lock belongs to a thread that was not forked.)"""
+    import faulthandler
+
+    faulthandler.enable()
+    faulthandler.dump_traceback_later(TRIALS_HANG_S, exit=True)
+
+
 def _fork(fn, delay_s: float | None) -> bool:
-    """fn() in a forked child, SIGKILLed after delay_s unless it finished (None: waited for); True when it
-    was killed."""
+    """fn() in a forked child, SIGKILLed after delay_s unless it finished (None: waited for, at most
+    CHILD_HANG_S); True when it was killed."""
     pid = os.fork()
     if pid == 0:  # the child: never returns into the caller's code
         code = 3
@@ -53,15 +70,19 @@ def _fork(fn, delay_s: float | None) -> bool:
             code = int(fn() or 0)
         finally:
             os._exit(code)
-    if delay_s is None:
-        os.waitpid(pid, 0)
-        return False
-    time.sleep(delay_s)
-    done, _ = os.waitpid(pid, os.WNOHANG)
-    if done == 0:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    return done == 0
+    t0 = time.monotonic()
+    while os.waitpid(pid, os.WNOHANG)[0] == 0:  # returns as soon as the child ends (timings use that)
+        waited = time.monotonic() - t0
+        if delay_s is not None and waited >= delay_s:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return True
+        if waited > CHILD_HANG_S:
+            os.kill(pid, signal.SIGABRT)  # faulthandler prints its stacks to stderr
+            os.waitpid(pid, 0)
+            raise RuntimeError(f"a forked child hung for {CHILD_HANG_S} s (its stacks are above)")
+        time.sleep(0.001 if delay_s is None else min(0.001, max(0.0, delay_s - waited)))
+    return False
 
 
 def _state(out: str) -> dict:
@@ -99,6 +120,7 @@ def main(tmp: str, seed: int) -> dict:
     from test_verify import DAMAGE, damage
 
     warnings.simplefilter("ignore")
+    watchdog()
     torch.set_num_threads(1)
     rng = random.Random(seed)
     runner = CliRunner()
@@ -123,10 +145,14 @@ def main(tmp: str, seed: int) -> dict:
     render_s = _duration(lambda k: render(os.path.join(tmp, f"timing{k}")))
     out = {"seed": seed, "render_s": render_s, "render": [], "repair": []}
     # 2. renders killed at random moments, then the same render again
+    window = render_s
     for i in range(TRIALS):
         run = os.path.join(tmp, f"render{i}")
-        delay = rng.uniform(0, render_s)
+        delay = rng.uniform(0, window)
+        t0 = time.perf_counter()
         killed = _fork(lambda: render(run), delay)
+        if not killed:  # finished first: the window shrinks to what it took
+            window = min(window, time.perf_counter() - t0)
         state = _state(run)
         out["render"].append({"delay_s": round(delay, 4), "killed": killed, **state,
                               **_check(run, ref, render(run))})
@@ -140,12 +166,16 @@ def main(tmp: str, seed: int) -> dict:
         shutil.copytree(template, os.path.join(tmp, f"probe{k}"))
     repair_s = _duration(lambda k: repair(os.path.join(tmp, f"probe{k}")))
     out["repair_s"] = repair_s
+    window = repair_s
     for i in range(TRIALS):
         run = os.path.join(tmp, f"repair{i}")
         shutil.copytree(template, run)
         before = sum(len(os.listdir(os.path.join(run, d))) for d in ("frames", "commits"))
-        delay = rng.uniform(0, repair_s)
+        delay = rng.uniform(0, window)
+        t0 = time.perf_counter()
         killed = _fork(lambda: repair(run), delay)
+        if not killed:  # it finished first (the machine got faster than when timed): later kills come sooner
+            window = min(window, time.perf_counter() - t0)
         left = sum(len(os.listdir(os.path.join(run, d))) for d in ("frames", "commits"))
         code = repair(run)  # the same command again, then the render renders what it removed
         out["repair"].append({"delay_s": round(delay, 4), "killed": killed, "files_removed_at_kill": before - left,

@@ -215,6 +215,63 @@ def test_a_dead_drivers_lock_is_taken_over_with_a_message(job_file, tmp_path):
     assert sorted(os.listdir(out)) == ["commits", "frames", "run.json"]  # the lock is gone after the run
 
 
+_KILLED_WRITING_THE_LOCK = r"""
+import os, signal, sys
+from hpcwalk import runlock
+
+def write_then_die(fd, data):  # SIGKILL at the moment the lock's content is written
+    os.kill(os.getpid(), signal.SIGKILL)
+
+runlock.os.write = write_then_die
+runlock.RunLock(sys.argv[1]).acquire(create=True)
+"""
+
+
+def test_a_driver_killed_while_writing_its_lock_does_not_block_the_rerun(job_file, tmp_path):
+    """The lock was created empty (O_EXCL) and then written: a driver killed in between left an empty lock,
+    which refused every rerun for its first 10 s ("its lock file is being written"). The lock now appears
+    whole or not at all (written beside it, then hard-linked into place)."""
+    out = str(tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WRITING_THE_LOCK, out], capture_output=True)
+    assert proc.returncode == -9, proc.stderr
+    res = runner.invoke(app, ["render", job_file, "--out", out, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "done: 10 frames in 5 shards rendered" in res.stdout
+    assert sorted(os.listdir(out)) == ["commits", "frames", "run.json"]  # the half-written lock's file removed
+
+
+@pytest.mark.parametrize("left", [["frames/"], ["frames/", "commits/"], ["frames/", "commits/", ".run.json.tmp"]])
+def test_a_driver_killed_while_opening_a_new_folder_leaves_one_the_rerun_starts(job_file, tmp_path, left):
+    """A driver SIGKILLed after creating the new folder's frames/ and commits/ but before run.json was in place
+    (found by the SIGKILL trials) left a folder the rerun refused as "not an hpcwalk run". What it leaves (the
+    lock, the empty folders, a partial .run.json.tmp) is ours: the same command starts the run."""
+    import platform
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    out = str(tmp_path / "run")
+    _lock(out, host=platform.node(), pid=gone.pid, pid_start=None)
+    for name in left:
+        path = os.path.join(out, name)
+        os.makedirs(path) if name.endswith("/") else open(path, "wb").write(b'{"job_fing')
+    res = runner.invoke(app, ["render", job_file, "--out", out, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "done: 10 frames in 5 shards rendered" in res.stdout
+    assert sorted(os.listdir(out)) == ["commits", "frames", "run.json"]
+
+
+@pytest.mark.parametrize("extra", ["frames/shard-00000.parquet", "commits/notes.txt", "notes.txt", ".run.json.tmp/"])
+def test_a_folder_with_anything_more_is_still_refused(job_file, tmp_path, extra):
+    out = str(tmp_path / "run")
+    os.makedirs(os.path.join(out, "frames"))
+    os.makedirs(os.path.join(out, "commits"))
+    path = os.path.join(out, extra)
+    os.makedirs(path) if extra.endswith("/") else open(path, "wb").write(b"user data")
+    res = runner.invoke(app, ["render", job_file, "--out", out, "--no-progress"])
+    assert res.exit_code == 2 and "is not empty and is not an hpcwalk run" in res.stderr, res.output
+    assert os.path.exists(path)
+
+
 def test_verify_run_only_checks_the_shards_asked_for(run):
     """`only`: the shards a reader of a few shards needs (even pacing's coarse or final pass), checked in full;
     the others are not read at all (shard 1's flipped byte and shard 2's stray temp file go unseen)."""
