@@ -254,10 +254,10 @@ class ShardStore:
     # -- 1. open: validate the folder before any work -------------------------------------------
 
     def _open(self, overwrite: bool) -> None:
-        if preflight(self.uri, self.job, overwrite) == "replace":  # everything but the driver's lock
-            for i in self.fs.get_file_info(pafs.FileSelector(self.root)):
-                if i.base_name == LOCK_NAME:
-                    continue
+        if preflight(self.uri, self.job, overwrite) == "replace":  # everything but the driver's lock and
+            for i in self.fs.get_file_info(pafs.FileSelector(self.root)):  # run.json, which stays until the
+                if i.base_name in (LOCK_NAME, "run.json"):  # new one replaces it: a driver killed midway leaves
+                    continue  # a run that --overwrite replaces again
                 (self.fs.delete_dir if i.type == pafs.FileType.Directory else self.fs.delete_file)(i.path)
         try:
             self.fs.create_dir(self.frames, recursive=True)

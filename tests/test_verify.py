@@ -284,3 +284,47 @@ def test_verify_run_only_checks_the_shards_asked_for(run):
     marker = json.load(open(os.path.join(run, "commits", "shard-00000.done.json")))
     assert some.checks[0].sha256 == marker["sha256"]
     assert {c.state for c in verify_run(run, "full", only={1, 2}).checks} == {"checksum mismatch", "ok", "stray temp file"}
+
+
+_KILLED_REPLACING = r"""
+import os, signal, sys
+import pyarrow.fs as pafs
+from hpcwalk import store
+from hpcwalk.cli import app
+
+class KilledWhileReplacing(pafs.LocalFileSystem):
+    # lists run.json first (as ext4's hashed folders may), and SIGKILLs when the old run.json is removed,
+    # or else once the old contents are gone (the next step)
+    def get_file_info(self, what):
+        got = super().get_file_info(what)
+        return sorted(got, key=lambda i: i.base_name != "run.json") if isinstance(what, pafs.FileSelector) else got
+
+    def delete_file(self, path):
+        super().delete_file(path)
+        if path.endswith("/run.json"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def create_dir(self, path, recursive=True):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+store.filesystem = lambda uri: (KilledWhileReplacing(), os.path.abspath(uri))
+app(["render", sys.argv[1], "--out", sys.argv[2], "--no-progress", "--overwrite"])
+"""
+
+
+def test_an_overwrite_killed_midway_can_be_run_again(job_file, tmp_path):
+    """--overwrite removed the old run's files in listing order, run.json among them: killed after run.json
+    went but before frames/ did, it left a folder of frames without run.json, which every later render,
+    --overwrite included, refused as "not an hpcwalk run". run.json now stays until the new one replaces it."""
+    out = str(tmp_path / "run")
+    other = tmp_path / "other.toml"
+    other.write_text(open(job_file).read().replace("steps = 1", "steps = 2"))
+    assert other.read_text() != open(job_file).read()
+    assert runner.invoke(app, ["render", str(other), "--out", out, "--no-progress"]).exit_code == 0
+    proc = subprocess.run([sys.executable, "-c", _KILLED_REPLACING, job_file, out], capture_output=True)
+    assert proc.returncode == -9, proc.stderr
+    res = runner.invoke(app, ["render", job_file, "--out", out, "--no-progress"])
+    assert res.exit_code == 2 and "holds another job" in res.stderr and "--overwrite" in res.stderr, res.output
+    res = runner.invoke(app, ["render", job_file, "--out", out, "--no-progress", "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert "done: 10 frames in 5 shards rendered" in res.stdout
