@@ -42,7 +42,8 @@ from hpcwalk.executor_base import (  # noqa: F401  (re-exported: the shared piec
 )
 from hpcwalk.job import RenderJob, Shard
 from hpcwalk.runlock import RunLock
-from hpcwalk.store import DEFAULT_LEVEL, RunWarning, ShardStore, VerifyLevel, filesystem, run_metadata, verify_run
+from hpcwalk.store import (DEFAULT_LEVEL, RunWarning, ShardStore, VerifyLevel, filesystem, rewrite_damaged_run_json,
+                           run_metadata, verify_run)
 from hpcwalk.verify import repair
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +256,8 @@ def run_render(job: RenderJob, out: str, shards: Sequence[Shard], overwrite: boo
         # 1. one driver per run folder: an existing folder is locked first (a new one once it is created)
         if lock.folder_exists():
             lock.acquire()
+            if not overwrite:
+                rewrite_damaged_run_json(out, job)  # a damaged run.json, when the shards prove this job's
         # 2. what is left: committed shards verified against their markers; damaged ones render again
         todo, summary = _left_to_render(out, shards, overwrite, verify, ex.name, lock.held)
         if not todo:

@@ -175,10 +175,13 @@ def preflight(uri: str, job: RenderJob, overwrite: bool = False) -> Literal["new
     if info.type == pafs.FileType.File:
         raise StoreError(f"output {uri!r} is a file, not a folder: choose another --out")
     if info.type == pafs.FileType.Directory:
-        run_json = f"{root}/run.json"
-        if fs.get_file_info(run_json).type == pafs.FileType.File:
-            with fs.open_input_stream(run_json) as f:
-                prev = json.loads(f.read()).get("job_fingerprint")
+        if fs.get_file_info(f"{root}/run.json").type == pafs.FileType.File:
+            try:
+                prev = _read_run_json(fs, root, uri)["job_fingerprint"]
+            except StoreError:  # damaged: this job's run when its shards say so (run.json is then written
+                if not overwrite and shards_of(uri, job.fingerprint()):  # again), else refused, even with
+                    return "resume"  # --overwrite (never delete a folder we cannot tell is ours)
+                raise
             if overwrite:
                 return "replace"
             if prev != job.fingerprint():
@@ -262,10 +265,7 @@ class ShardStore:
         try:
             self.fs.create_dir(self.frames, recursive=True)
             self.fs.create_dir(self.commits, recursive=True)
-            write_atomic(self.fs, f"{self.root}/run.json", json.dumps(
-                {"job_fingerprint": self.job.fingerprint(), "hpcwalk_version": hpcwalk.__version__,
-                 "source": self.job.source, "job": dataclasses.asdict(self.job), "metadata": self.metadata},
-                indent=2, default=str).encode())
+            write_atomic(self.fs, f"{self.root}/run.json", _run_json(self.job, self.metadata))
         except OSError as e:
             raise StoreError(f"cannot write to output {self.uri!r}: {e}. Choose a writable --out") from None
 
@@ -432,13 +432,79 @@ def shard_columns(shards: RunShards) -> list[str]:
 
 
 def read_run(uri: str) -> dict[str, Any]:
-    """The run.json of a run folder."""
+    """The run.json of a run folder; StoreError naming the fix when it is missing, damaged or not hpcwalk's."""
+    return _read_run_json(*filesystem(uri), uri)
+
+
+def _run_json(job: RenderJob, metadata: dict[str, str]) -> bytes:
+    return json.dumps({"job_fingerprint": job.fingerprint(), "hpcwalk_version": hpcwalk.__version__,
+                       "source": job.source, "job": dataclasses.asdict(job), "metadata": metadata},
+                      indent=2, default=str).encode()
+
+
+def rewrite_damaged_run_json(uri: str, job: RenderJob) -> bool:
+    """When run.json is damaged and every readable committed shard carries this job's fingerprint, write it
+    again (its metadata read back from a shard, where the run wrote the same), with a RunWarning; True then.
+    The caller holds the run's lock."""
     fs, root = filesystem(uri)
+    if fs.get_file_info(f"{root}/run.json").type != pafs.FileType.File:
+        return False
+    try:
+        _read_run_json(fs, root, uri)
+        return False
+    except StoreError as e:
+        damaged = e.args[0].split(": rerun")[0]
+    if not (n := shards_of(uri, job.fingerprint())):
+        return False
+    keys = run_metadata(job).keys()
+    for f in verify_run(uri, "quick").files:
+        try:
+            meta = {k.decode(): v.decode() for k, v in (pq.read_schema(f, filesystem=fs).metadata or {}).items()}
+        except (pa.ArrowException, OSError, UnicodeDecodeError):
+            continue
+        write_atomic(fs, f"{root}/run.json", _run_json(job, {k: v for k, v in meta.items() if k in keys}))
+        warnings.warn(RunWarning(f"{damaged}; its {n} committed shards carry this job's fingerprint: run.json "
+                                 "written again from this job and their metadata"), stacklevel=2)
+        return True
+    return False
+
+
+def shards_of(uri: str, fingerprint: str) -> int:
+    """How many committed shards (size-checked) there are when each readable one carries `fingerprint` in its
+    schema metadata; 0 when there is none or one carries another: whether a run whose run.json is damaged is
+    provably this job's."""
+    fs, _ = filesystem(uri)
+    n = 0
+    for f in verify_run(uri, "quick").files:
+        try:
+            meta = pq.read_schema(f, filesystem=fs).metadata or {}
+        except (pa.ArrowException, OSError):
+            continue  # damaged: rendered again by the resume
+        if meta.get(b"job_fingerprint") != fingerprint.encode():
+            return 0
+        n += 1
+    return n
+
+
+def _read_run_json(fs: pafs.FileSystem, root: str, uri: str) -> dict[str, Any]:
     try:
         with fs.open_input_stream(f"{root}/run.json") as f:
-            return json.loads(f.read())
+            data = f.read()
     except FileNotFoundError:
         raise StoreError(f"{uri!r} is not an hpcwalk run folder (no run.json)") from None
+    except OSError as e:
+        raise StoreError(f"cannot read {uri!r}'s run.json ({e}): check the folder's permissions, or choose a "
+                         "new --out") from None
+    try:
+        run, why = json.loads(data), "not a JSON object with a job_fingerprint"
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        run, why = None, f"not JSON: {type(e).__name__} at byte {getattr(e, 'pos', getattr(e, 'start', '?'))}"
+    if not isinstance(run, dict) or not isinstance(run.get("job_fingerprint"), str):
+        raise StoreError(f"{uri!r} has a run.json that is damaged or not hpcwalk's ({why}, {len(data):,} bytes): "
+                         "rerun the render with the run's own job file (it writes run.json again when the "
+                         "shards carry that job's fingerprint), restore it from a copy, or choose a new --out "
+                         "(hpcwalk never deletes a folder it cannot tell is its own)")
+    return run
 
 
 def safe_filename(name: str, max_chars: int = 80) -> str:

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
-from typing import Collection, Literal
+from typing import Any, Collection, Literal
 
 import pyarrow.fs as pafs
 
@@ -134,6 +135,24 @@ def file_sha256(fs: pafs.FileSystem, path: str) -> tuple[str, int]:
 # ---------------------------------------------------------------------------------------------
 
 
+class _BadMarker(ValueError):
+    """A marker that parses but is not one hpcwalk writes: the message says which field."""
+
+
+def _marker_fields(m: Any) -> tuple[int, str, int | None]:
+    """(rows, sha256, bytes) of a parsed marker: whole numbers >= 0 (not NaN, infinite or 1e400) and 64 hex
+    digits, else _BadMarker."""
+    if not isinstance(m, dict):
+        raise _BadMarker(f"a JSON {type(m).__name__}, not an object")
+    rows, sha, size = m["rows"], m["sha256"], m.get("bytes")
+    for key, v in (("rows", rows), ("bytes", size)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise _BadMarker(f"{key} is {str(v)[:20]!r}, not a whole number >= 0")
+    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise _BadMarker("sha256 is not 64 hex digits")
+    return rows, sha, size
+
+
 def _check_one(fs: pafs.FileSystem, name: str, parquet: str | None, size: int | None, marker: str | None,
                level: VerifyLevel) -> ShardCheck:
     index = _index(name)
@@ -142,11 +161,10 @@ def _check_one(fs: pafs.FileSystem, name: str, parquet: str | None, size: int | 
                           detail="renamed into place but never committed")
     try:
         with fs.open_input_stream(marker) as f:
-            m = json.loads(f.read())
-        rows, want_sha, want_bytes = int(m["rows"]), str(m["sha256"]), m.get("bytes")
-        want_bytes = None if want_bytes is None else int(want_bytes)
+            rows, want_sha, want_bytes = _marker_fields(json.loads(f.read()))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return ShardCheck(name, "bad marker", index, parquet, marker, detail=f"unreadable marker: {type(e).__name__}")
+        why = type(e).__name__ if not isinstance(e, _BadMarker) else str(e)
+        return ShardCheck(name, "bad marker", index, parquet, marker, detail=f"unreadable marker: {why}")
     if parquet is None:
         return ShardCheck(name, "missing", index, None, marker, rows, "its Parquet file is gone")
     if want_bytes is not None and size != want_bytes:

@@ -328,3 +328,76 @@ def test_an_overwrite_killed_midway_can_be_run_again(job_file, tmp_path):
     res = runner.invoke(app, ["render", job_file, "--out", out, "--no-progress", "--overwrite"])
     assert res.exit_code == 0, res.output
     assert "done: 10 frames in 5 shards rendered" in res.stdout
+
+
+# -- a damaged run.json ----------------------------------------------------------------------------
+
+BAD_RUN_JSON = {"odd bytes": b"\xff\xfe\x00garbage", "empty": b"", "cut short": b'{"job_fingerprint": "ab',
+                "a list": b"[1, 2]", "null": b"null", "another tool's": b'{"run_id": 7, "metrics": {}}'}
+
+
+@pytest.mark.parametrize("content", BAD_RUN_JSON.values(), ids=BAD_RUN_JSON.keys())
+def test_a_damaged_run_json_is_one_line_and_exit_2_everywhere_and_loses_nothing(run, job_file, tmp_path, content):
+    """A run.json that is not JSON, not an object, or not hpcwalk's: every command gave a traceback (exit 1),
+    and `render --overwrite` would have deleted a folder holding another tool's run.json. Now one line naming
+    run.json and the fix, exit 2, and nothing in the folder is touched."""
+    open(os.path.join(run, "run.json"), "wb").write(content)
+    before = sorted((d, f, os.path.getsize(os.path.join(d, f))) for d, _, fs in os.walk(run) for f in fs)
+    for args in (["verify", run], ["verify", run, "--repair"], ["view", run, "--out", str(tmp_path / "v")],
+                 ["video", run, "--out", str(tmp_path / "x.mp4")], ["score", run],
+                 ["render", job_file, "--out", run, "--no-progress"],
+                 ["render", job_file, "--out", run, "--no-progress", "--overwrite"]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, (args, res.output)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "run.json" in lines[0], (args, res.stderr)
+        assert "choose a new --out" in lines[0] or "restore" in lines[0], lines[0]
+    assert sorted((d, f, os.path.getsize(os.path.join(d, f))) for d, _, fs in os.walk(run) for f in fs) == before
+    assert not os.path.exists(tmp_path / "v") and not os.path.exists(tmp_path / "x.mp4")
+
+
+@pytest.mark.parametrize("content,left", [(b"\xff\xfe\x00garbage", 1), (b'{"job_fingerprint": "ab', 0)],
+                         ids=["odd bytes, a shard left", "cut short, none left"])
+def test_the_runs_own_job_writes_a_damaged_run_json_again(job_file, tmp_path, content, left):
+    """The shards carry the job's fingerprint and the run's metadata: rerunning the render with the run's own
+    job file writes run.json again, byte for byte as it was (another job is still refused)."""
+    out = str(tmp_path / "run")
+    assert runner.invoke(app, ["render", job_file, "--out", out, "--no-progress"]).exit_code == 0
+    path = os.path.join(out, "run.json")
+    good = open(path, "rb").read()
+    if left:
+        os.remove(os.path.join(out, "commits", "shard-00003.done.json"))  # and one shard still to render
+    open(path, "wb").write(content)
+    other = tmp_path / "other.toml"
+    other.write_text(open(job_file).read().replace("steps = 1", "steps = 2"))
+    res = runner.invoke(app, ["render", str(other), "--out", out, "--no-progress"])
+    assert res.exit_code == 2 and "damaged or not hpcwalk's" in res.stderr and open(path, "rb").read() == content
+    res = runner.invoke(app, ["render", job_file, "--out", out, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "warning: " in res.stderr and f"its {5 - left} committed shards carry this job's fingerprint" in res.stderr
+    assert f"done: {2 * left} frames in {left} shards rendered, {5 - left} shards already committed" in res.stdout
+    assert open(path, "rb").read() == good
+    assert runner.invoke(app, ["verify", out]).stdout.splitlines()[-1] == "5 of 5 shards ok (full)"
+
+
+BAD_MARKERS = {"odd bytes": b"notjson\xff", "a list": b"[]", "no sha256": b'{"rows": 4, "bytes": 10}',
+               "huge bytes": b'{"shard": 1, "rows": 4, "sha256": "ab", "bytes": 1e400}',
+               "NaN rows": b'{"shard": 1, "rows": NaN, "sha256": "ab", "bytes": 10}',
+               "infinite rows": b'{"shard": 1, "rows": Infinity, "sha256": "ab", "bytes": 10}',
+               "negative rows": b'{"shard": 1, "rows": -4, "sha256": "ab", "bytes": 10}',
+               "a string for bytes": b'{"shard": 1, "rows": 4, "sha256": "ab", "bytes": "ten"}'}
+
+
+@pytest.mark.parametrize("content", BAD_MARKERS.values(), ids=BAD_MARKERS.keys())
+def test_a_hostile_marker_is_a_bad_marker_never_a_traceback(run, content):
+    """A commit marker with odd bytes, the wrong shape or out-of-range numbers (1e400 gave OverflowError:
+    a traceback) is named "bad marker"; --repair removes it with its file; the readers leave the shard out."""
+    open(os.path.join(run, "commits", "shard-00001.done.json"), "wb").write(content)
+    res = runner.invoke(app, ["verify", run])
+    assert res.exit_code == 1, res.output
+    assert res.stdout.splitlines()[1].startswith("shard-00001: bad marker (unreadable marker: "), res.stdout
+    with pytest.warns(RunWarning, match="shard-00001: bad marker"):
+        assert sorted(read_frames(run, columns=["index"]).column("index").to_pylist()) == [0, 1, 2, 3, 8, 9, 10, 11]
+    res = runner.invoke(app, ["verify", run, "--repair"])
+    assert res.exit_code == 0 and "repaired: removed 2 files" in res.stdout, res.output
+    assert sorted(os.listdir(os.path.join(run, "commits"))) == ["shard-00000.done.json", "shard-00002.done.json"]
