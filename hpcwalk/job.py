@@ -282,6 +282,9 @@ def read_toml(path: str | Path, what: str, example: str) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise JobError(f"{what} file {str(path)!r} is a folder: pass the path of a {what} TOML file (see {example})")
+    if path.exists() and not path.is_file():
+        raise JobError(f"{what} file {str(path)!r} is not a regular file (a device, pipe or socket): save the {what} "
+                       f"as a TOML file and pass its path (see {example})")
     if not path.is_file():
         raise JobError(f"{what} file {str(path)!r} not found: pass the path of a {what} TOML (see {example})")
     try:

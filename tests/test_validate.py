@@ -82,6 +82,10 @@ def test_job_files_that_are_not_text_or_not_files(tmp_path):
     bad.write_bytes(SMALL.replace("a cat", "a caf\xe9").encode("latin-1"))
     _refused(runner.invoke(app, ["render", str(bad), "--out", str(out)]), "is not UTF-8 text (byte 0xe9 at offset", out)
     _refused(runner.invoke(app, ["render", str(tmp_path), "--out", str(out)]), "is a folder", out)
+    fifo = tmp_path / "job.fifo"  # was "not found": it exists, and is no regular file
+    os.mkfifo(fifo)
+    for path in ("/dev/null", str(fifo)):
+        _refused(runner.invoke(app, ["render", path, "--out", str(out)]), "is not a regular file", out)
     big = tmp_path / "big.toml"
     big.write_text(SMALL.replace('prompt = "a cat"', 'prompt = "' + "x" * (17 << 20) + '"'))
     _refused(runner.invoke(app, ["render", str(big), "--out", str(out)]), "must be at most 16,777,216 bytes", out)
