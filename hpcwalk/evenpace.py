@@ -24,7 +24,7 @@ import dataclasses
 import io
 import json
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -78,6 +78,7 @@ def place_final(job: RenderJob, out: str, shards: Sequence[Shard], todo: Sequenc
     holders = _coarse_shards(shards)
     checked = verify_run(out, level, only=set().union(*holders.values()))  # type: ignore[arg-type]
     ok = {c.index: c for c in checked.ok}
+    where = _coarse_index(shards)
     plans: dict[str, dict[str, Any]] = {}
     waits: dict[str, str] = {}
     lines: list[str] = []
@@ -88,7 +89,8 @@ def place_final(job: RenderJob, out: str, shards: Sequence[Shard], todo: Sequenc
             waits[w.name] = (f"waits for the coarse pass of walk {w.name!r} (shard(s) "
                              f"{', '.join(f'shard-{i:05d}' for i in lacking)} not committed): rerun to render it")
             continue
-        existing = _read_json(out, plan_path(out, w.name))
+        finals = [r for r in plan_rows(shards, w.name) if r.stage]
+        existing = _read_json(out, plan_path(out, w.name), lambda d: _plan_fits(d, finals, where))
         if existing is not None:
             plans[w.name] = existing
             changed = [int(k) for k, sha in existing["coarse_shards"].items() if int(k) in ok and ok[int(k)].sha256 != sha]
@@ -101,7 +103,6 @@ def place_final(job: RenderJob, out: str, shards: Sequence[Shard], todo: Sequenc
         lines += [f"walk {w.name!r} {m}: step_cv of the uniform coarse pass {_cv(p['step_cv_coarse'])} "
                   f"({p['coarse_frames']} frames, {plans[w.name]['measure']} steps)"
                   for m, p in plans[w.name]["methods"].items()]
-    where = _coarse_index(shards)
     ready, waiting = [], {}
     for s in todo:
         why = next((waits[r.walk] for r in s.rows if r.walk in waits), None)
@@ -225,13 +226,62 @@ def _coarse_frames_of(out: str, walk: str, files: list[str], measure: str, pace_
     return {m: sorted(rs, key=lambda r: r["index"]) for m, rs in by.items()}
 
 
-def _read_json(out: str, path: str) -> dict[str, Any] | None:
+def _read_json(out: str, path: str, fits: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+    """A pacing file, or None when it is missing or damaged (not JSON, or not what `fits` expects: then with a
+    RunWarning); either way the caller computes it again from committed data."""
     fs, _ = filesystem(out)
     try:
         with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
+            data = f.read()
     except FileNotFoundError:
         return None
+    try:
+        d = json.loads(data)
+        why = "" if isinstance(d, dict) and fits(d) else "not the contents hpcwalk writes there"
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        d, why = None, f"not JSON: {type(e).__name__}"
+    if why:
+        warnings.warn(RunWarning(f"{path}: damaged ({why}, {len(data):,} bytes): computed again from the "
+                                 "committed frames"), stacklevel=3)
+        return None
+    return d
+
+
+def _plan_fits(plan: dict[str, Any], finals: Sequence[FrameRow], where: dict[str, int]) -> bool:
+    """Whether a plan read back places every final row: reuse indices of existing coarse frames (or -1),
+    finite gammas, and the figures the report lines print."""
+    try:
+        if not isinstance(plan["coarse_shards"], dict) or not isinstance(plan["measure"], str):
+            return False
+        for p in plan["methods"].values():
+            if not isinstance(p["coarse_frames"], int) or not _is_cv(p["step_cv_coarse"]):
+                return False
+        for r in finals:
+            c = plan["methods"][r.method]["reuse"][r.index]
+            g = fill(r, plan, where).gamma
+            if isinstance(c, bool) or not isinstance(c, int) or c < -1 or not _is_finite(g):
+                return False
+        return True
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        return False
+
+
+def _steps_fit(steps: dict[str, Any]) -> bool:
+    """Whether a WALK.steps.json read back holds the figures measure_after prints."""
+    methods = steps.get("methods")
+    return isinstance(steps.get("measure"), str) and isinstance(methods, dict) and all(
+        isinstance(v, dict) and isinstance(v.get("frames"), int)
+        and all(_is_cv(v.get(k)) for k in ("step_cv_coarse", "step_cv_final", "segment_step_cv_coarse",
+                                            "segment_step_cv_final"))
+        for v in methods.values())
+
+
+def _is_finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def _is_cv(v: Any) -> bool:
+    return v is None or _is_finite(v)
 
 
 def _write_json(out: str, path: str, data: dict[str, Any]) -> None:
@@ -285,11 +335,11 @@ def measure_after(job: RenderJob, out: str, shards: Sequence[Shard], rendered: s
     lines = []
     for w in walks:
         mine = finals[w.name]
-        plan = _read_json(out, plan_path(out, w.name))
+        plan = _read_json(out, plan_path(out, w.name), lambda d: _plan_fits(d, [], {}))
         if plan is None or not mine or any(i not in checked for i in mine):
             continue
         path = plan_path(out, w.name, ".steps")
-        steps = _read_json(out, path)
+        steps = _read_json(out, path, _steps_fit)
         if steps is None or set(mine) & rendered:
             frames = _coarse_frames_of(out, w.name, [checked[i].parquet for i in mine], plan["measure"], "final")
             steps = {"walk": w.name, "measure": plan["measure"], "methods": {}}

@@ -103,6 +103,43 @@ def test_even_pacing_evens_a_known_uneven_path(tmp_path):
     assert read_frames(out).sort_by("frame_id").column("gamma").to_pylist() == t.column("gamma").to_pylist()
 
 
+DAMAGED_PLANS = {"odd bytes": b"\xff{[", "cut short": b'{"coarse_shards": {"0": "ab',
+                 "an empty object": b"{}", "a list": b"[]",
+                 "reuse out of range": None, "gammas NaN": None}
+
+
+@pytest.mark.parametrize("kind", DAMAGED_PLANS, ids=DAMAGED_PLANS.keys())
+def test_a_damaged_pacing_file_is_computed_again_never_a_traceback(tmp_path, kind):
+    """RUN/pacing/WALK.json (the plan) and WALK.steps.json (the step_cv figures) damaged: the rerun raised
+    UnicodeDecodeError, KeyError or IndexError (a traceback). Both are functions of committed data: the rerun
+    says so in one warning, computes them again, bit-equal, and renders the same frames."""
+    job = path_job(frames=9, coarse=3)
+    out = str(tmp_path / "run")
+    _render(job, out)
+    ref = read_frames(out).sort_by("frame_id")
+    files = {n: open(os.path.join(out, "pacing", n), "rb").read() for n in ("w.json", "w.steps.json")}
+    for name, good in files.items():
+        bad = DAMAGED_PLANS[kind]
+        if bad is None:
+            d = json.loads(good)
+            if "reuse" not in json.dumps(d):
+                continue  # the steps file has no reuse list nor gammas
+            m = d["methods"]["slerp"]
+            if kind == "reuse out of range":
+                m["reuse"] = [10**6] * len(m["reuse"])
+            else:
+                m["final_gammas"] = [float("nan")] * len(m["final_gammas"])
+            bad = json.dumps(d).encode()
+        open(os.path.join(out, "pacing", name), "wb").write(bad)
+        for c in os.listdir(os.path.join(out, "commits")):
+            if int(c[6:11]) >= 1:  # the final shards (the 3 coarse rows fill shard 0)
+                os.remove(os.path.join(out, "commits", c))
+        with pytest.warns(Warning, match=rf"pacing/{name.replace('.', '[.]')}.*damaged.*computed again"):
+            _render(job, out)
+        assert open(os.path.join(out, "pacing", name), "rb").read() == good, name
+        assert read_frames(out).sort_by("frame_id").equals(ref)
+
+
 def test_final_pass_never_copies_from_a_damaged_coarse_shard(tmp_path):
     """A pacing plan on disk, a coarse shard replaced by another (parseable) file, and its re-render failing:
     the final shards that copy coarse frames wait (reported failed), instead of copying the damaged file's
