@@ -106,7 +106,16 @@ def preflight_score(run: str, model: str, pretrained: str, overwrite: bool = Fal
     fs, root = filesystem(out)
     if fs.get_file_info(f"{root}/score.json").type == pafs.FileType.File and not overwrite:
         with fs.open_input_stream(f"{root}/score.json") as f:
-            prev = json.loads(f.read()).get("run_fingerprint")
+            data = f.read()
+        try:
+            prev = json.loads(data)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            prev = e
+        if not isinstance(prev, dict):
+            why = f"not JSON: {type(prev).__name__}" if isinstance(prev, Exception) else "not a JSON object"
+            raise StoreError(f"{root}/score.json is damaged ({why}, {len(data):,} bytes): pass --overwrite to "
+                             "re-score every shard")
+        prev = prev.get("run_fingerprint")
         if prev != info.get("job_fingerprint"):
             raise StoreError(f"{out!r} holds scores of another run (fingerprint {prev}): pass --overwrite to "
                              "re-score every shard")

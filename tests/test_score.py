@@ -121,3 +121,22 @@ def test_render_columns_are_float16_unit_embeddings(run):
     e = t["clip_image"].combine_chunks().values.to_numpy(zero_copy_only=False)
     assert e.dtype == np.float16
     assert np.allclose(np.linalg.norm(e.astype(np.float32).reshape(-1, 32), axis=1), 1, atol=2e-3)
+
+
+@pytest.mark.parametrize("content", [b"\xff", b'{"run_fingerprint": "ab', b"[]"], ids=["odd bytes", "cut short", "a list"])
+def test_a_damaged_score_json_is_one_line_and_overwrite_rescores(run, content):
+    """scores/NAME/score.json damaged: `hpcwalk score` gave a traceback. Now one line naming the file and
+    --overwrite, exit 2, nothing touched; with --overwrite every shard is scored again."""
+    folder = run / "scores" / "tiny-clip__none"
+    if not (folder / "score.json").exists():
+        assert _score(run, "--clip-model", "tiny-clip").exit_code == 0
+    (folder / "score.json").write_bytes(content)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+    res = _score(run, "--clip-model", "tiny-clip")
+    assert res.exit_code == 2, res.output
+    [line] = res.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "score.json" in line and "damaged" in line and "--overwrite" in line, line
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in folder.rglob("*")) == before
+    res = _score(run, "--clip-model", "tiny-clip", "--overwrite")
+    assert res.exit_code == 0 and "9 frames in 3 shards scored" in res.output, res.output
+    assert json.loads((folder / "score.json").read_bytes())["run_fingerprint"]
