@@ -56,8 +56,11 @@ def watchdog() -> None:
     copy of the timer's lock belongs to a thread that was not forked.)"""
     import faulthandler
 
+    from tqdm import tqdm
+
     faulthandler.enable()
     faulthandler.dump_traceback_later(TRIALS_HANG_S, exit=True)
+    tqdm.monitor_interval = 0  # no tqdm monitor thread to hold tqdm's lock at the moment of a fork
 
 
 def _fork(fn, delay_s: float | None) -> bool:
