@@ -535,19 +535,27 @@ def verify_cmd(
     verify: VerifyOption = DEFAULT_LEVEL,
 ) -> None:
     """List each shard's state: ok, missing (marker without its Parquet file), truncated, size mismatch,
-    checksum mismatch, bad marker, file without marker, stray temp file. Exit 0 when every shard is ok
-    (or was repaired), 1 when something is damaged, 2 when RUN_DIR is not a run folder."""
+    checksum mismatch, bad marker, file without marker, stray temp file; and a damaged run.json. Exit 0 when
+    every shard is ok (or was repaired), 1 when something is damaged (or run.json is), 2 when RUN_DIR is not
+    a run folder."""
     from collections import Counter
 
     from hpcwalk.runlock import RunLock, describe
     from hpcwalk.store import StoreError, filesystem, read_run, verify_run
     from hpcwalk.verify import repair as remove_damaged
 
-    # 1. validate: a run folder, and no render running in it when repairing
+    # 1. validate: a run folder (its run.json may be damaged: reported with the shards), no render running in
+    #    it when repairing
     level = _level(verify)
     lock = RunLock(run_dir)
+    damaged_run = None
     try:
-        read_run(run_dir)
+        try:
+            read_run(run_dir)
+        except StoreError as e:
+            if not _damaged_run_folder(run_dir):
+                raise
+            damaged_run = "run.json: " + str(e).split("has a run.json that is ", 1)[-1].split(": rerun")[0]
         if repair:
             lock.acquire()
     except StoreError as e:
@@ -565,21 +573,34 @@ def verify_cmd(
         bad = [c for c in shards.checks if not c.ok]
         typer.echo(f"{len(shards.ok)} of {len(shards.checks) - counts['stray temp file']} shards ok ({level})"
                    + "".join(f", {n} {state}" for state, n in counts.items() if state != "ok"))
-        if not bad:
-            return
-        # 3. repair: remove what is bad; the next render renders exactly that
-        if repair:
+        if damaged_run:  # --repair cannot mend it: the job is not in the shards, only its fingerprint
+            typer.echo(f"{damaged_run}: rerun the render with the run's own job file into {run_dir} (it writes "
+                       "run.json again when the shards carry that job's fingerprint), or restore it from a copy")
+        if bad and repair:  # 3. repair: remove what is bad; the next render renders exactly that
             removed = remove_damaged(filesystem(run_dir)[0], bad)
             typer.echo(f"repaired: removed {len(removed)} files; rerun the render or study into {run_dir} to "
                        f"render the {len(shards.damaged)} removed shards again")
-            return
-        typer.echo(f"damaged: run `hpcwalk verify {run_dir} --repair`, or rerun the render or study into {run_dir} "
-                   "(it renders damaged shards again)", err=True)
-        raise typer.Exit(1)
+        elif bad:
+            typer.echo(f"damaged: run `hpcwalk verify {run_dir} --repair`, or rerun the render or study into "
+                       f"{run_dir} (it renders damaged shards again)", err=True)
+        if damaged_run or (bad and not repair):
+            raise typer.Exit(1)
     except OSError as e:
         _fail_io(e, "the repair")
     finally:
         lock.release()
+
+
+def _damaged_run_folder(run_dir: str) -> bool:
+    """A folder whose run.json is a file (damaged) beside the frames/ or commits/ hpcwalk writes: still a run
+    for `verify`, which checks shards against markers and needs no job."""
+    import pyarrow.fs as pafs
+
+    from hpcwalk.store import COMMITS_DIR, FRAMES_DIR, filesystem
+
+    fs, root = filesystem(run_dir)
+    kinds = [i.type for i in fs.get_file_info([f"{root}/run.json", f"{root}/{FRAMES_DIR}", f"{root}/{COMMITS_DIR}"])]
+    return kinds[0] == pafs.FileType.File and pafs.FileType.Directory in kinds[1:]
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})

@@ -340,10 +340,17 @@ BAD_RUN_JSON = {"odd bytes": b"\xff\xfe\x00garbage", "empty": b"", "cut short": 
 def test_a_damaged_run_json_is_one_line_and_exit_2_everywhere_and_loses_nothing(run, job_file, tmp_path, content):
     """A run.json that is not JSON, not an object, or not hpcwalk's: every command gave a traceback (exit 1),
     and `render --overwrite` would have deleted a folder holding another tool's run.json. Now one line naming
-    run.json and the fix, exit 2, and nothing in the folder is touched."""
+    run.json and the fix, exit 2 (verify: the shards' states and that line, exit 1), and nothing in the folder
+    is touched."""
     open(os.path.join(run, "run.json"), "wb").write(content)
     before = sorted((d, f, os.path.getsize(os.path.join(d, f))) for d, _, fs in os.walk(run) for f in fs)
-    for args in (["verify", run], ["verify", run, "--repair"], ["view", run, "--out", str(tmp_path / "v")],
+    for args in (["verify", run], ["verify", run, "--repair"]):  # verify still checks the shards: exit 1
+        res = runner.invoke(app, args)
+        assert res.exit_code == 1, (args, res.output)
+        lines = res.stdout.splitlines()
+        assert lines[:4] == ["shard-00000: ok", "shard-00001: ok", "shard-00002: ok", "3 of 3 shards ok (full)"]
+        assert lines[4].startswith("run.json: damaged or not hpcwalk's (") and "rerun the render" in lines[4], lines
+    for args in (["view", run, "--out", str(tmp_path / "v")],
                  ["video", run, "--out", str(tmp_path / "x.mp4")], ["score", run],
                  ["render", job_file, "--out", run, "--no-progress"],
                  ["render", job_file, "--out", run, "--no-progress", "--overwrite"]):
@@ -401,3 +408,11 @@ def test_a_hostile_marker_is_a_bad_marker_never_a_traceback(run, content):
     res = runner.invoke(app, ["verify", run, "--repair"])
     assert res.exit_code == 0 and "repaired: removed 2 files" in res.stdout, res.output
     assert sorted(os.listdir(os.path.join(run, "commits"))) == ["shard-00000.done.json", "shard-00002.done.json"]
+
+
+def test_verify_refuses_a_folder_with_only_another_tools_run_json(tmp_path):
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    (folder / "run.json").write_text('{"run_id": 7}')
+    res = runner.invoke(app, ["verify", str(folder)])
+    assert res.exit_code == 2 and "damaged or not hpcwalk's" in res.stderr, res.output
