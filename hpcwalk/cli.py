@@ -541,7 +541,7 @@ def verify_cmd(
     from collections import Counter
 
     from hpcwalk.runlock import RunLock, describe
-    from hpcwalk.store import StoreError, filesystem, read_run, verify_run
+    from hpcwalk.store import StoreError, damaged_run_folder, filesystem, read_run, verify_run
     from hpcwalk.verify import repair as remove_damaged
 
     # 1. validate: a run folder (its run.json may be damaged: reported with the shards), no render running in
@@ -553,7 +553,7 @@ def verify_cmd(
         try:
             read_run(run_dir)
         except StoreError as e:
-            if not _damaged_run_folder(run_dir):
+            if not damaged_run_folder(run_dir):
                 raise
             damaged_run = "run.json: " + str(e).split("has a run.json that is ", 1)[-1].split(": rerun")[0]
         if repair:
@@ -589,18 +589,6 @@ def verify_cmd(
         _fail_io(e, "the repair")
     finally:
         lock.release()
-
-
-def _damaged_run_folder(run_dir: str) -> bool:
-    """A folder whose run.json is a file (damaged) beside the frames/ or commits/ hpcwalk writes: still a run
-    for `verify`, which checks shards against markers and needs no job."""
-    import pyarrow.fs as pafs
-
-    from hpcwalk.store import COMMITS_DIR, FRAMES_DIR, filesystem
-
-    fs, root = filesystem(run_dir)
-    kinds = [i.type for i in fs.get_file_info([f"{root}/run.json", f"{root}/{FRAMES_DIR}", f"{root}/{COMMITS_DIR}"])]
-    return kinds[0] == pafs.FileType.File and pafs.FileType.Directory in kinds[1:]
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})

@@ -486,6 +486,14 @@ def shards_of(uri: str, fingerprint: str) -> int:
     return n
 
 
+def damaged_run_folder(uri: str) -> bool:
+    """A folder whose run.json is a file (damaged) beside the frames/ or commits/ hpcwalk writes: still a run
+    for `verify`, which checks shards against markers and needs no job."""
+    fs, root = filesystem(uri)
+    kinds = [i.type for i in fs.get_file_info([f"{root}/run.json", f"{root}/{FRAMES_DIR}", f"{root}/{COMMITS_DIR}"])]
+    return kinds[0] == pafs.FileType.File and pafs.FileType.Directory in kinds[1:]
+
+
 def _read_run_json(fs: pafs.FileSystem, root: str, uri: str) -> dict[str, Any]:
     try:
         with fs.open_input_stream(f"{root}/run.json") as f:
