@@ -541,7 +541,8 @@ def verify_cmd(
     from collections import Counter
 
     from hpcwalk.runlock import RunLock, describe
-    from hpcwalk.store import StoreError, damaged_run_folder, filesystem, read_run, verify_run
+    from hpcwalk.runfolder import damaged_run_folder
+    from hpcwalk.store import StoreError, filesystem, read_run, verify_run
     from hpcwalk.verify import repair as remove_damaged
 
     # 1. validate: a run folder (its run.json may be damaged: reported with the shards), no render running in

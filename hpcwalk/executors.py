@@ -42,8 +42,8 @@ from hpcwalk.executor_base import (  # noqa: F401  (re-exported: the shared piec
 )
 from hpcwalk.job import RenderJob, Shard
 from hpcwalk.runlock import RunLock
-from hpcwalk.store import (DEFAULT_LEVEL, RunWarning, ShardStore, VerifyLevel, filesystem, rewrite_damaged_run_json,
-                           run_metadata, verify_run)
+from hpcwalk.runfolder import rewrite_damaged_run_json
+from hpcwalk.store import DEFAULT_LEVEL, RunWarning, ShardStore, VerifyLevel, filesystem, run_metadata, verify_run
 from hpcwalk.verify import repair
 
 # ---------------------------------------------------------------------------------------------

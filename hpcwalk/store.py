@@ -177,7 +177,7 @@ def preflight(uri: str, job: RenderJob, overwrite: bool = False) -> Literal["new
     if info.type == pafs.FileType.Directory:
         if fs.get_file_info(f"{root}/run.json").type == pafs.FileType.File:
             try:
-                prev = _read_run_json(fs, root, uri)["job_fingerprint"]
+                prev = read_run_json(fs, root, uri)["job_fingerprint"]
             except StoreError:  # damaged: this job's run when its shards say so (run.json is then written
                 if not overwrite and shards_of(uri, job.fingerprint()):  # again), else refused, even with
                     return "resume"  # --overwrite (never delete a folder we cannot tell is ours)
@@ -265,7 +265,7 @@ class ShardStore:
         try:
             self.fs.create_dir(self.frames, recursive=True)
             self.fs.create_dir(self.commits, recursive=True)
-            write_atomic(self.fs, f"{self.root}/run.json", _run_json(self.job, self.metadata))
+            write_atomic(self.fs, f"{self.root}/run.json", run_json_bytes(self.job, self.metadata))
         except OSError as e:
             raise StoreError(f"cannot write to output {self.uri!r}: {e}. Choose a writable --out") from None
 
@@ -433,40 +433,14 @@ def shard_columns(shards: RunShards) -> list[str]:
 
 def read_run(uri: str) -> dict[str, Any]:
     """The run.json of a run folder; StoreError naming the fix when it is missing, damaged or not hpcwalk's."""
-    return _read_run_json(*filesystem(uri), uri)
+    return read_run_json(*filesystem(uri), uri)
 
 
-def _run_json(job: RenderJob, metadata: dict[str, str]) -> bytes:
+def run_json_bytes(job: RenderJob, metadata: dict[str, str]) -> bytes:
+    """The run.json a run of `job` writes (its metadata: the shards' schema metadata)."""
     return json.dumps({"job_fingerprint": job.fingerprint(), "hpcwalk_version": hpcwalk.__version__,
                        "source": job.source, "job": dataclasses.asdict(job), "metadata": metadata},
                       indent=2, default=str).encode()
-
-
-def rewrite_damaged_run_json(uri: str, job: RenderJob) -> bool:
-    """When run.json is damaged and every readable committed shard carries this job's fingerprint, write it
-    again (its metadata read back from a shard, where the run wrote the same), with a RunWarning; True then.
-    The caller holds the run's lock."""
-    fs, root = filesystem(uri)
-    if fs.get_file_info(f"{root}/run.json").type != pafs.FileType.File:
-        return False
-    try:
-        _read_run_json(fs, root, uri)
-        return False
-    except StoreError as e:
-        damaged = e.args[0].split(": rerun")[0]
-    if not (n := shards_of(uri, job.fingerprint())):
-        return False
-    keys = run_metadata(job).keys()
-    for f in verify_run(uri, "quick").files:
-        try:
-            meta = {k.decode(): v.decode() for k, v in (pq.read_schema(f, filesystem=fs).metadata or {}).items()}
-        except (pa.ArrowException, OSError, UnicodeDecodeError):
-            continue
-        write_atomic(fs, f"{root}/run.json", _run_json(job, {k: v for k, v in meta.items() if k in keys}))
-        warnings.warn(RunWarning(f"{damaged}; its {n} committed shards carry this job's fingerprint: run.json "
-                                 "written again from this job and their metadata"), stacklevel=2)
-        return True
-    return False
 
 
 def shards_of(uri: str, fingerprint: str) -> int:
@@ -486,15 +460,8 @@ def shards_of(uri: str, fingerprint: str) -> int:
     return n
 
 
-def damaged_run_folder(uri: str) -> bool:
-    """A folder whose run.json is a file (damaged) beside the frames/ or commits/ hpcwalk writes: still a run
-    for `verify`, which checks shards against markers and needs no job."""
-    fs, root = filesystem(uri)
-    kinds = [i.type for i in fs.get_file_info([f"{root}/run.json", f"{root}/{FRAMES_DIR}", f"{root}/{COMMITS_DIR}"])]
-    return kinds[0] == pafs.FileType.File and pafs.FileType.Directory in kinds[1:]
-
-
-def _read_run_json(fs: pafs.FileSystem, root: str, uri: str) -> dict[str, Any]:
+def read_run_json(fs: pafs.FileSystem, root: str, uri: str) -> dict[str, Any]:
+    """`read_run` on an open filesystem; `uri` names the run in the messages."""
     try:
         with fs.open_input_stream(f"{root}/run.json") as f:
             data = f.read()

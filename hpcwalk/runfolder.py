@@ -1,0 +1,50 @@
+"""A run folder whose run.json is damaged: still a run for `verify` (the shards need no job), and written
+again by the run's own job when every readable shard carries that job's fingerprint (store.py refuses
+such a folder everywhere else with one line: `read_run`, `preflight`)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from hpcwalk.job import RenderJob
+from hpcwalk.store import (COMMITS_DIR, FRAMES_DIR, RunWarning, StoreError, filesystem, read_run_json, run_json_bytes,
+                           run_metadata, shards_of, verify_run, write_atomic)
+
+
+def rewrite_damaged_run_json(uri: str, job: RenderJob) -> bool:
+    """When run.json is damaged and every readable committed shard carries this job's fingerprint, write it
+    again (its metadata read back from a shard, where the run wrote the same), with a RunWarning; True then.
+    The caller holds the run's lock."""
+    fs, root = filesystem(uri)
+    if fs.get_file_info(f"{root}/run.json").type != pafs.FileType.File:
+        return False
+    try:
+        read_run_json(fs, root, uri)
+        return False
+    except StoreError as e:
+        damaged = e.args[0].split(": rerun")[0]
+    if not (n := shards_of(uri, job.fingerprint())):
+        return False
+    keys = run_metadata(job).keys()
+    for f in verify_run(uri, "quick").files:
+        try:
+            meta = {k.decode(): v.decode() for k, v in (pq.read_schema(f, filesystem=fs).metadata or {}).items()}
+        except (pa.ArrowException, OSError, UnicodeDecodeError):
+            continue
+        write_atomic(fs, f"{root}/run.json", run_json_bytes(job, {k: v for k, v in meta.items() if k in keys}))
+        warnings.warn(RunWarning(f"{damaged}; its {n} committed shards carry this job's fingerprint: run.json "
+                                 "written again from this job and their metadata"), stacklevel=2)
+        return True
+    return False
+
+
+def damaged_run_folder(uri: str) -> bool:
+    """A folder whose run.json is a file (damaged) beside the frames/ or commits/ hpcwalk writes: still a run
+    for `verify`, which checks shards against markers and needs no job."""
+    fs, root = filesystem(uri)
+    kinds = [i.type for i in fs.get_file_info([f"{root}/run.json", f"{root}/{FRAMES_DIR}", f"{root}/{COMMITS_DIR}"])]
+    return kinds[0] == pafs.FileType.File and pafs.FileType.Directory in kinds[1:]
