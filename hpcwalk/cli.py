@@ -542,7 +542,7 @@ def verify_cmd(
 
     from hpcwalk.runlock import RunLock, describe
     from hpcwalk.runfolder import damaged_run_folder
-    from hpcwalk.store import StoreError, filesystem, read_run, verify_run
+    from hpcwalk.store import DamagedRunJson, StoreError, filesystem, read_run, verify_run
     from hpcwalk.verify import repair as remove_damaged
 
     # 1. validate: a run folder (its run.json may be damaged: reported with the shards), no render running in
@@ -553,10 +553,10 @@ def verify_cmd(
     try:
         try:
             read_run(run_dir)
-        except StoreError as e:
+        except DamagedRunJson as e:
             if not damaged_run_folder(run_dir):
                 raise
-            damaged_run = "run.json: " + str(e).split("has a run.json that is ", 1)[-1].split(": rerun")[0]
+            damaged_run = f"run.json: damaged or not hpcwalk's ({e.why})"
         if repair:
             lock.acquire()
     except StoreError as e:

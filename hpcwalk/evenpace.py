@@ -32,8 +32,8 @@ import pyarrow.parquet as pq
 
 from hpcwalk import pacing
 from hpcwalk.job import FrameRow, RenderJob, Shard, Walk
-from hpcwalk.store import (PROVENANCE_FIELDS, RunWarning, ShardStore, filesystem, frames_table, safe_filename,
-                           verify_run, write_atomic)
+from hpcwalk.store import (PROVENANCE_FIELDS, RunWarning, ShardStore, filesystem, frames_table, parse_json_object,
+                           safe_filename, verify_run, write_atomic)
 
 PACING_DIR = "pacing"
 
@@ -235,11 +235,9 @@ def _read_json(out: str, path: str, fits: Callable[[dict[str, Any]], bool]) -> d
             data = f.read()
     except FileNotFoundError:
         return None
-    try:
-        d = json.loads(data)
-        why = "" if isinstance(d, dict) and fits(d) else "not the contents hpcwalk writes there"
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        d, why = None, f"not JSON: {type(e).__name__}"
+    d, why = parse_json_object(data)
+    if d is not None and not fits(d):
+        why = "not the contents hpcwalk writes there"
     if why:
         warnings.warn(RunWarning(f"{path}: damaged ({why}, {len(data):,} bytes): computed again from the "
                                  "committed frames"), stacklevel=3)

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import warnings
 
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from hpcwalk.job import RenderJob
-from hpcwalk.store import (COMMITS_DIR, FRAMES_DIR, RunWarning, StoreError, filesystem, read_run_json, run_json_bytes,
-                           run_metadata, shards_of, verify_run, write_atomic)
+from hpcwalk.store import (COMMITS_DIR, FRAMES_DIR, DamagedRunJson, RunWarning, filesystem, read_run_json,
+                           run_json_bytes, run_metadata, shards_of, write_atomic)
 
 
 def rewrite_damaged_run_json(uri: str, job: RenderJob) -> bool:
@@ -25,21 +23,25 @@ def rewrite_damaged_run_json(uri: str, job: RenderJob) -> bool:
     try:
         read_run_json(fs, root, uri)
         return False
-    except StoreError as e:
-        damaged = e.args[0].split(": rerun")[0]
-    if not (n := shards_of(uri, job.fingerprint())):
+    except DamagedRunJson as e:
+        why = e.why
+    metas = shards_of(uri, job.fingerprint())
+    meta = next((d for d in map(_decoded, metas) if d is not None), None)
+    if meta is None:
         return False
     keys = run_metadata(job).keys()
-    for f in verify_run(uri, "quick").files:
-        try:
-            meta = {k.decode(): v.decode() for k, v in (pq.read_schema(f, filesystem=fs).metadata or {}).items()}
-        except (pa.ArrowException, OSError, UnicodeDecodeError):
-            continue
-        write_atomic(fs, f"{root}/run.json", run_json_bytes(job, {k: v for k, v in meta.items() if k in keys}))
-        warnings.warn(RunWarning(f"{damaged}; its {n} committed shards carry this job's fingerprint: run.json "
-                                 "written again from this job and their metadata"), stacklevel=2)
-        return True
-    return False
+    write_atomic(fs, f"{root}/run.json", run_json_bytes(job, {k: v for k, v in meta.items() if k in keys}))
+    warnings.warn(RunWarning(f"{uri!r} has a run.json that is damaged or not hpcwalk's ({why}); its {len(metas)} "
+                             "committed shards carry this job's fingerprint: run.json written again from this job "
+                             "and their metadata"), stacklevel=2)
+    return True
+
+
+def _decoded(meta: dict[bytes, bytes]) -> dict[str, str] | None:
+    try:
+        return {k.decode(): v.decode() for k, v in meta.items()}
+    except UnicodeDecodeError:
+        return None
 
 
 def damaged_run_folder(uri: str) -> bool:

@@ -41,6 +41,7 @@ from hpcwalk.store import (
     VerifyLevel,
     check_shards,
     filesystem,
+    parse_json_object,
     read_run,
     read_shard,
     verify_run,
@@ -107,12 +108,8 @@ def preflight_score(run: str, model: str, pretrained: str, overwrite: bool = Fal
     if fs.get_file_info(f"{root}/score.json").type == pafs.FileType.File and not overwrite:
         with fs.open_input_stream(f"{root}/score.json") as f:
             data = f.read()
-        try:
-            prev = json.loads(data)
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-            prev = e
-        if not isinstance(prev, dict):
-            why = f"not JSON: {type(prev).__name__}" if isinstance(prev, Exception) else "not a JSON object"
+        prev, why = parse_json_object(data)
+        if prev is None:
             raise StoreError(f"{root}/score.json is damaged ({why}, {len(data):,} bytes): pass --overwrite to "
                              "re-score every shard")
         prev = prev.get("run_fingerprint")

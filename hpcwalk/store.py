@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 import hpcwalk
 from hpcwalk.job import FrameRow, RenderJob, Shard
-from hpcwalk.verify import (  # noqa: F401  (FRAMES_DIR, COMMITS_DIR: the layout's names, importable from here)
+from hpcwalk.verify import (  # noqa: F401  (FRAMES_DIR, COMMITS_DIR, parse_json_object: importable from here)
     COMMITS_DIR,
     DEFAULT_LEVEL,
     FRAMES_DIR,
@@ -44,11 +44,21 @@ from hpcwalk.verify import (  # noqa: F401  (FRAMES_DIR, COMMITS_DIR: the layout
     ShardCheck,
     VerifyLevel,
     check_shards,
+    parse_json_object,
 )
 
 
 class StoreError(RuntimeError):
     """The output folder cannot be used; the message says why and what to do."""
+
+
+class DamagedRunJson(StoreError):
+    """run.json is there but damaged or not hpcwalk's; `why` says how (e.g. "not JSON: JSONDecodeError at
+    byte 0, 10 bytes")."""
+
+    def __init__(self, message: str, why: str):
+        super().__init__(message)
+        self.why = why
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +188,7 @@ def preflight(uri: str, job: RenderJob, overwrite: bool = False) -> Literal["new
         if fs.get_file_info(f"{root}/run.json").type == pafs.FileType.File:
             try:
                 prev = read_run_json(fs, root, uri)["job_fingerprint"]
-            except StoreError:  # damaged: this job's run when its shards say so (run.json is then written
+            except DamagedRunJson:  # this job's run when its shards say so (run.json is then written
                 if not overwrite and shards_of(uri, job.fingerprint()):  # again), else refused, even with
                     return "resume"  # --overwrite (never delete a folder we cannot tell is ours)
                 raise
@@ -443,21 +453,21 @@ def run_json_bytes(job: RenderJob, metadata: dict[str, str]) -> bytes:
                       indent=2, default=str).encode()
 
 
-def shards_of(uri: str, fingerprint: str) -> int:
-    """How many committed shards (size-checked) there are when each readable one carries `fingerprint` in its
-    schema metadata; 0 when there is none or one carries another: whether a run whose run.json is damaged is
+def shards_of(uri: str, fingerprint: str) -> list[dict[bytes, bytes]]:
+    """The schema metadata of each readable committed shard (size-checked) when every one carries
+    `fingerprint`; [] when there is none or one carries another: whether a run whose run.json is damaged is
     provably this job's."""
     fs, _ = filesystem(uri)
-    n = 0
+    metas = []
     for f in verify_run(uri, "quick").files:
         try:
             meta = pq.read_schema(f, filesystem=fs).metadata or {}
         except (pa.ArrowException, OSError):
             continue  # damaged: rendered again by the resume
         if meta.get(b"job_fingerprint") != fingerprint.encode():
-            return 0
-        n += 1
-    return n
+            return []
+        metas.append(meta)
+    return metas
 
 
 def read_run_json(fs: pafs.FileSystem, root: str, uri: str) -> dict[str, Any]:
@@ -470,15 +480,15 @@ def read_run_json(fs: pafs.FileSystem, root: str, uri: str) -> dict[str, Any]:
     except OSError as e:
         raise StoreError(f"cannot read {uri!r}'s run.json ({e}): check the folder's permissions, or choose a "
                          "new --out") from None
-    try:
-        run, why = json.loads(data), "not a JSON object with a job_fingerprint"
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        run, why = None, f"not JSON: {type(e).__name__} at byte {getattr(e, 'pos', getattr(e, 'start', '?'))}"
-    if not isinstance(run, dict) or not isinstance(run.get("job_fingerprint"), str):
-        raise StoreError(f"{uri!r} has a run.json that is damaged or not hpcwalk's ({why}, {len(data):,} bytes): "
-                         "rerun the render with the run's own job file (it writes run.json again when the "
-                         "shards carry that job's fingerprint), restore it from a copy, or choose a new --out "
-                         "(hpcwalk never deletes a folder it cannot tell is its own)")
+    run, why = parse_json_object(data)
+    if run is not None and not isinstance(run.get("job_fingerprint"), str):
+        run, why = None, "no job_fingerprint"
+    if run is None:
+        why = f"{why}, {len(data):,} bytes"
+        raise DamagedRunJson(f"{uri!r} has a run.json that is damaged or not hpcwalk's ({why}): rerun the render "
+                             "with the run's own job file (it writes run.json again when the shards carry that "
+                             "job's fingerprint), restore it from a copy, or choose a new --out (hpcwalk never "
+                             "deletes a folder it cannot tell is its own)", why)
     return run
 
 

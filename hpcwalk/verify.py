@@ -135,15 +135,26 @@ def file_sha256(fs: pafs.FileSystem, path: str) -> tuple[str, int]:
 # ---------------------------------------------------------------------------------------------
 
 
+def parse_json_object(data: bytes) -> tuple[dict[str, Any] | None, str]:
+    """(the JSON object in `data`, "") or (None, why it is not one): the reader of files hpcwalk wrote that may
+    have been damaged since (commit markers, run.json, score.json, the pacing files)."""
+    try:
+        d = json.loads(data)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        return None, f"not JSON: {type(e).__name__} at byte {getattr(e, 'pos', getattr(e, 'start', '?'))}"
+    return (d, "") if isinstance(d, dict) else (None, f"a JSON {type(d).__name__}, not an object")
+
+
 class _BadMarker(ValueError):
-    """A marker that parses but is not one hpcwalk writes: the message says which field."""
+    """A marker that is not one hpcwalk writes (not a JSON object, or a field out of range): the message says how."""
 
 
-def _marker_fields(m: Any) -> tuple[int, str, int | None]:
-    """(rows, sha256, bytes) of a parsed marker: whole numbers >= 0 (not NaN, infinite or 1e400) and 64 hex
-    digits, else _BadMarker."""
-    if not isinstance(m, dict):
-        raise _BadMarker(f"a JSON {type(m).__name__}, not an object")
+def _marker_fields(data: bytes) -> tuple[int, str, int | None]:
+    """(rows, sha256, bytes) of a marker's bytes: a JSON object, whole numbers >= 0 (not NaN, infinite or 1e400)
+    and 64 hex digits, else _BadMarker."""
+    m, why = parse_json_object(data)
+    if m is None:
+        raise _BadMarker(why)
     rows, sha, size = m["rows"], m["sha256"], m.get("bytes")
     for key, v in (("rows", rows), ("bytes", size)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
@@ -161,7 +172,7 @@ def _check_one(fs: pafs.FileSystem, name: str, parquet: str | None, size: int | 
                           detail="renamed into place but never committed")
     try:
         with fs.open_input_stream(marker) as f:
-            rows, want_sha, want_bytes = _marker_fields(json.loads(f.read()))
+            rows, want_sha, want_bytes = _marker_fields(f.read())
     except (OSError, ValueError, KeyError, TypeError) as e:
         why = type(e).__name__ if not isinstance(e, _BadMarker) else str(e)
         return ShardCheck(name, "bad marker", index, parquet, marker, detail=f"unreadable marker: {why}")
