@@ -38,7 +38,7 @@ from typing import Any, Iterator
 import pyarrow.fs as pafs
 
 from hpcwalk.store import StoreError, filesystem
-from hpcwalk.verify import LOCK_NAME, RunWarning
+from hpcwalk.verify import LOCK_NAME, RunWarning, parse_json_object
 
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 600.0
@@ -126,8 +126,8 @@ class RunLock:
         age = max(0.0, time.time() - info.mtime.timestamp()) if info.mtime else 0.0
         try:
             with self.fs.open_input_stream(self.path) as f:
-                return json.loads(f.read()), age
-        except (OSError, ValueError):
+                return parse_json_object(f.read())[0], age  # not a JSON object: unreadable
+        except OSError:
             return None, age
 
     def live_holder(self) -> dict[str, Any] | None:
@@ -222,8 +222,8 @@ class RunLock:
             return False
         try:
             with open(grave, "rb") as f:
-                moved = json.loads(f.read() or b"null")
-        except (OSError, ValueError):
+                moved = parse_json_object(f.read())[0]
+        except OSError:
             moved = None
         if holder is not None and (moved is None or not _same(moved, holder)):
             try:  # we moved a live driver's fresh lock: give it back, unless yet another appeared

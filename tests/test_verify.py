@@ -200,6 +200,23 @@ def test_a_live_driver_refuses_a_second_one(job_file, tmp_path):
         other.wait()
 
 
+@pytest.mark.parametrize("content", [b"[1, 2]", b"7", b"\xff\xfe"], ids=["a list", "a number", "odd bytes"])
+def test_a_lock_that_is_not_a_json_object_is_taken_as_unreadable(job_file, tmp_path, content):
+    """A lock file holding a JSON list or number gave AttributeError (a traceback) in every render; it is now an
+    unreadable lock like odd bytes: refused while young, taken over once older than the grace period."""
+    out = str(tmp_path / "run")
+    assert runner.invoke(app, ["render", job_file, "--out", out, "--no-progress"]).exit_code == 0
+    os.remove(os.path.join(out, "commits", "shard-00001.done.json"))
+    lock = os.path.join(out, ".hpcwalk.lock")
+    open(lock, "wb").write(content)
+    res = runner.invoke(app, ["render", job_file, "--out", out, "--no-progress"])
+    assert res.exit_code == 2 and "its lock file is being written" in res.stderr, res.output
+    os.utime(lock, (time.time() - 60, time.time() - 60))
+    res = runner.invoke(app, ["render", job_file, "--out", out, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "the lock file is unreadable and 60 s old" in res.stderr and "done: 2 frames in 1 shards" in res.stdout
+
+
 def test_a_dead_drivers_lock_is_taken_over_with_a_message(job_file, tmp_path):
     import platform
 
