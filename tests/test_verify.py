@@ -433,3 +433,28 @@ def test_verify_refuses_a_folder_with_only_another_tools_run_json(tmp_path):
     (folder / "run.json").write_text('{"run_id": 7}')
     res = runner.invoke(app, ["verify", str(folder)])
     assert res.exit_code == 2 and "damaged or not hpcwalk's" in res.stderr, res.output
+
+
+def test_the_lock_on_a_filesystem_without_hard_links(tmp_path, monkeypatch):
+    """Where link() is refused (EPERM, as on some FUSE and SMB mounts) the lock is created in place (O_EXCL,
+    then written): still exactly one holder, and a whole lock file that is removed at release."""
+    import errno
+
+    from hpcwalk import runlock
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted", src)
+
+    monkeypatch.setattr(runlock.os, "link", no_links)
+    out = tmp_path / "run"
+    first = runlock.RunLock(str(out))
+    first.acquire(create=True)
+    try:
+        holder, _ = first.read()
+        assert holder["pid"] == os.getpid() and holder["token"] == first.info["token"]
+        assert sorted(os.listdir(out)) == [".hpcwalk.lock"]  # no content file left beside it
+        with pytest.raises(runlock.RunLocked, match="is being rendered by pid"):
+            runlock.RunLock(str(out)).acquire()
+    finally:
+        first.release()
+    assert os.listdir(out) == []
