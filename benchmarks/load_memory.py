@@ -22,7 +22,7 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time
 import torch
-from hpcwalk.models import load_components
+from hpcwalk.sd.models import load_components
 t0 = time.perf_counter()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 c = load_components(sys.argv[1], sys.argv[2], "cpu")

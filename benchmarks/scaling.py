@@ -39,11 +39,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from hpcwalk.engine import Renderer, RenderOutput  # noqa: E402
-from hpcwalk.executors import ExecutorOptions, LocalExecutor, ShardResult  # noqa: E402
-from hpcwalk.job import FrameRow, RenderJob, Sampling, Walk, plan, shard  # noqa: E402
-from hpcwalk.job import NoiseKey, OutputSpec, RenderSettings  # noqa: E402
-from hpcwalk.store import ShardStore, run_metadata  # noqa: E402
+from hpcwalk.render.engine import Renderer, RenderOutput  # noqa: E402
+from hpcwalk.run.base import ExecutorOptions, ShardResult
+from hpcwalk.run.local import LocalExecutor  # noqa: E402
+from hpcwalk.job.spec import FrameRow, RenderJob, Sampling, Walk
+from hpcwalk.job.plan import plan, shard  # noqa: E402
+from hpcwalk.job.spec import NoiseKey, OutputSpec, RenderSettings  # noqa: E402
+from hpcwalk.store.writer import ShardStore
+from hpcwalk.store.schema import run_metadata  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -175,7 +178,7 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> Path:
     import ray
 
-    from hpcwalk.ray_executor import RayExecutor
+    from hpcwalk.run.ray import RayExecutor
 
     a = parse_args(argv)
     cores = os.cpu_count() or 1

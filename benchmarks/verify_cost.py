@@ -37,8 +37,10 @@ import common  # noqa: E402
 
 def build_run(folder: str, shards: int, frames: int, image_kb: int):
     """A committed synthetic run of one latent walk cut into `shards` shards of `frames` frames."""
-    from hpcwalk.job import parse_job, plan, shard
-    from hpcwalk.store import ShardStore, frames_table
+    from hpcwalk.job.parse import parse_job
+    from hpcwalk.job.plan import plan, shard
+    from hpcwalk.store.writer import ShardStore
+    from hpcwalk.store.schema import frames_table
 
     n = shards * frames
     job = parse_job({"model": {"id": "tiny"}, "sampling": {"steps": 2, "height": 64, "width": 64},
@@ -72,8 +74,8 @@ def main() -> None:
     p.add_argument("--out", default=str(common.RESULTS))
     args = p.parse_args()
 
-    from hpcwalk.executors import run_render
-    from hpcwalk.store import verify_run
+    from hpcwalk.run.local import run_render
+    from hpcwalk.store.reader import verify_run
 
     tmp = tempfile.mkdtemp(prefix="hpcwalk-verify-")
     try:

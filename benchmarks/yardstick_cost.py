@@ -30,10 +30,10 @@ def _ms_per_frame(fn, n: int, repeats: int = 5) -> float:
 
 def measure_tiny(batch: int = 8, size: int = 64) -> dict[str, float]:
     """Milliseconds per frame on this CPU, tiny models at size x size (best of 5)."""
-    from hpcwalk.clip import load_clip
-    from hpcwalk.encoder import load_encoder
-    from hpcwalk.framestats import sharpness
-    from hpcwalk.pixelsteps import load_lpips, lpips_distance, ssim
+    from hpcwalk.render.clip import load_clip
+    from hpcwalk.render.encoder import load_encoder
+    from hpcwalk.render.framestats import sharpness
+    from hpcwalk.analyse.pixelsteps import load_lpips, lpips_distance, ssim
 
     g = torch.Generator().manual_seed(0)
     a = torch.randint(0, 256, (batch, size, size, 3), generator=g, dtype=torch.uint8)
@@ -66,7 +66,7 @@ def count_flops(size: int = 512) -> dict[str, float]:
     import warnings
     from transformers import Dinov2Config, Dinov2Model
 
-    from hpcwalk.pixelsteps import SSIM_WINDOW
+    from hpcwalk.analyse.pixelsteps import SSIM_WINDOW
 
     out = {"vit_l14_gflop": _flops(lambda: open_clip.create_model("ViT-L-14", device="meta").visual,
                                    lambda: torch.zeros(1, 3, 224, 224)) / 1e9,

@@ -91,17 +91,17 @@ if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1 && [ "$HAVE_CUDA" = "1
   INSTALL="installed: $(cd "$WHEELS" && ls -- *.whl | tr '\n' ' ')"
 fi
 say "wheels: $INSTALL"
-# lay the package out by hand (kernels/ as hpcwalk.kernels), first on the path: the same code runs
-# here (over an editable install) and there (no install at all)
+# copy the package out of the checkout, first on the path: the same code runs here (over an editable
+# install) and there (no install at all)
 SRC=$(mktemp -d /tmp/hpcwalk-src.XXXXXX)  # one per run: runs side by side do not share it
 trap 'rm -rf "$SRC"' EXIT
-cp -r hpcwalk "$SRC/hpcwalk" && cp -r kernels "$SRC/hpcwalk/kernels"
+cp -r hpcwalk "$SRC/hpcwalk"
 export PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}"
-RUN=("$PY" -P)  # -P: the checkout's own hpcwalk/ (without kernels/) must not shadow the laid-out package
+RUN=("$PY" -P)  # -P: the current directory stays off sys.path (the copy above is what runs)
 BENCH=("${RUN[@]}" -m hpcwalk.cli bench)  # `hpcwalk bench`, as a user runs it
 # torchao is optional: its absence or an import failure is reported here and by the FP8 step (not measured, with the reason)
 "${RUN[@]}" -c '
-import torch, triton, transformers, diffusers, open_clip, hpcwalk.kernels, hpcwalk.engine, hpcwalk.bench
+import torch, triton, transformers, diffusers, open_clip, hpcwalk.kernels, hpcwalk.render.engine, hpcwalk.bench
 print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__,
       "diffusers", diffusers.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
 try:

@@ -20,7 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny():
     """SDComponents of the built-in tiny model, float32 on the CPU."""
-    from hpcwalk.models import load_components
+    from hpcwalk.sd.models import load_components
 
     return load_components("tiny", "float32", "cpu")
 
@@ -28,7 +28,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def tiny_job():
     """A small job touching every walk kind (64x64, 30 steps)."""
-    from hpcwalk.job import load_job
+    from hpcwalk.job.parse import load_job
 
     return load_job(os.path.join(os.path.dirname(__file__), "..", "examples", "quickstart.toml")).with_overrides(device="cpu")
 
@@ -44,7 +44,7 @@ def job_file(request, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def job(job_file):
     """The test module's `JOB`, loaded (RenderJob)."""
-    from hpcwalk.job import load_job
+    from hpcwalk.job.parse import load_job
 
     return load_job(job_file)
 
@@ -52,7 +52,7 @@ def job(job_file):
 @pytest.fixture(scope="module")
 def renderer(job):
     """A Renderer for the test module's `JOB`, shared by its tests."""
-    from hpcwalk.engine import Renderer
+    from hpcwalk.render.engine import Renderer
 
     return Renderer.from_job(job)
 

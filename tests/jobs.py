@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from hpcwalk.store import committed_shards
+from hpcwalk.store.reader import committed_shards
 
 
 def _value(v) -> str:
@@ -83,7 +83,7 @@ def sigkill_render(job_file: str, out: str, *flags: str, poll_s: float, commits:
 
 def pick_rows(job, frame_ids: Sequence[str]) -> list:
     """The job's plan rows with these frame ids, in the order given."""
-    from hpcwalk.job import plan
+    from hpcwalk.job.plan import plan
 
     by_id = {r.frame_id: r for r in plan(job)}
     return [by_id[f] for f in frame_ids]

@@ -204,8 +204,8 @@ def write_diffusers_folder(path: Path, c, variant: str | None = None, compvis: b
     _write_json(path / "scheduler" / "scheduler_config.json", COMPVIS_SCHEDULER if compvis else c.scheduler_config)
     index = dict(COMPVIS_MODEL_INDEX)
     if compvis:  # the repo's tokenizer files: vocab.json, merges.txt and its two JSONs
-        from hpcwalk.models import clip_tokenizer_files
-        from hpcwalk.weights import CONFIGS_DIR
+        from hpcwalk.sd.loaders import clip_tokenizer_files
+        from hpcwalk.sd.weights import CONFIGS_DIR
 
         (path / "tokenizer").mkdir(parents=True, exist_ok=True)
         for src in (*clip_tokenizer_files(), *(CONFIGS_DIR / "sd-v1" / "tokenizer").glob("*.json")):
@@ -256,7 +256,7 @@ def cheap_random(name: str, dtype: torch.dtype):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from hpcwalk.models import PRESETS
+    from hpcwalk.sd.models import PRESETS
 
     cfg = PRESETS[name]
     with init_empty_weights():

@@ -6,8 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from hpcwalk.job import RenderJob, parse_job, plan, shard
-from hpcwalk.store import ShardStore, encode_image, frames_table
+from hpcwalk.job.spec import RenderJob
+from hpcwalk.job.parse import parse_job
+from hpcwalk.job.plan import plan, shard
+from hpcwalk.store.writer import ShardStore
+from hpcwalk.store.schema import encode_image, frames_table
 
 
 def frame_image(walk: int, method: int, index: int, h: int, w: int, noise: bool = False) -> np.ndarray:

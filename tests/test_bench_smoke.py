@@ -43,7 +43,9 @@ def test_quality_metrics():
     import numpy as np
     from scipy import ndimage
 
-    from hpcwalk.bench.quality import LUMA, frame_quality, psnr, sharpness
+    from hpcwalk.render.framestats import LUMA
+    from hpcwalk.bench.quality import frame_quality, sharpness
+    from hpcwalk.core.metrics import psnr
 
     rng = np.random.default_rng(0)
     ref = rng.integers(4, 252, (3, 37, 41, 3), dtype=np.uint8)

@@ -38,7 +38,7 @@ def test_cli_and_file_commands_start_without_torch():
     import subprocess
     import sys
 
-    code = ("import sys, hpcwalk.cli, hpcwalk.job, hpcwalk.store, hpcwalk.runindex, hpcwalk.video, hpcwalk.viewer; "
+    code = ("import sys, hpcwalk.cli, hpcwalk.job, hpcwalk.store, hpcwalk.store.runindex, hpcwalk.see.video, hpcwalk.see.viewer; "
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'open_clip', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

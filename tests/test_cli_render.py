@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hpcwalk.cli import app
-from hpcwalk.store import committed_files, read_frames
+from hpcwalk.store.reader import committed_files, read_frames
 from jobs import cat_walk, tiny_job_toml, walk
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,10 +14,13 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
-from hpcwalk.clip import ClipLoadError, ClipScorer, Preprocess, check_clip, clip_score_torch, load_clip
-from hpcwalk.engine import Renderer
-from hpcwalk.job import ClipSpec, JobError, parse_job, plan
-from hpcwalk.models import ModelLoadError
+from hpcwalk.render.clip import ClipLoadError, ClipScorer, Preprocess, check_clip, clip_score_torch, load_clip
+from hpcwalk.render.engine import Renderer
+from hpcwalk.job.spec import ClipSpec
+from hpcwalk.core.errors import JobError
+from hpcwalk.job.parse import parse_job
+from hpcwalk.job.plan import plan
+from hpcwalk.sd.weights import ModelLoadError
 
 COS_BOUND = 0.999
 
@@ -114,7 +117,7 @@ def test_renderer_stores_clip_columns_from_the_decoded_frames(tiny, tiny_job, sc
 
 def test_local_dir_model_loads_through_open_clip_factory(tmp_path, scorer):
     """An open_clip folder (config + weights) goes through open_clip.create_model and gives the same model."""
-    from hpcwalk.clip import CLIP_PRESETS
+    from hpcwalk.render.clip import CLIP_PRESETS
 
     cfg = {"model_cfg": CLIP_PRESETS["tiny-clip"], "preprocess_cfg": open_clip.get_model_preprocess_cfg(scorer.model)}
     (tmp_path / "open_clip_config.json").write_text(json.dumps(cfg))
@@ -159,7 +162,7 @@ def test_clip_spec_defaults_follow_the_sd_model():
 
 def test_cached_weights_are_found_in_a_hugging_face_cache_without_network(tmp_path):
     """The lookup open_clip's downloader would do, against a hub cache laid out as huggingface_hub writes it."""
-    from hpcwalk.clip import cached_weights
+    from hpcwalk.render.clip import cached_weights
 
     cfg = open_clip.get_pretrained_cfg("ViT-L-14", "openai")  # hf_hub = 'timm/vit_large_patch14_clip_224.openai/'
     assert cached_weights(cfg, hf_cache=str(tmp_path)) == ""
@@ -177,7 +180,7 @@ def test_cached_weights_are_found_in_a_hugging_face_cache_without_network(tmp_pa
 def test_ray_driver_checks_clip_names_not_this_machines_weights(monkeypatch, tmp_path):
     """On a Ray driver (`here=False`) the weights cache, weights files and local-dir folders belong to
     the workers and are not checked; names and tags still are. Here (`here=True`) all of it is."""
-    import hpcwalk.clip as hc
+    import hpcwalk.render.clip as hc
 
     monkeypatch.setattr(hc, "cached_weights", lambda cfg, hf_cache=None: "")  # nothing cached on this machine
     with pytest.raises(ClipLoadError, match="not in the local cache"):
@@ -198,7 +201,7 @@ def test_a_prompts_text_embedding_does_not_depend_on_the_prompts_beside_it():
     """Which prompts a micro-batch meets first depends on the shard cut and, on resume or with Ray, on which
     worker took which shard; encoded together, a prompt's embedding moved in the last bits with the batch (a
     resumed run's clip_score then differed from an undisturbed run's), so each prompt is encoded alone."""
-    from hpcwalk.clip import load_clip
+    from hpcwalk.render.clip import load_clip
 
     alone = load_clip("tiny-clip", "none").embed_texts(["a cat"])[0]
     for others in (["a dog"], ["a dog", "a red car", "a bowl of fruit", "a lighthouse", "a city at night"]):

@@ -1,6 +1,6 @@
 """One method-to-colour table: the study report's curves, the figures' paths and the viewer's data use the
 same colour for each method (normalized and slerp had each other's in the report). The figures module draws
-with hpcwalk.colors.color; the report's curve colours and the viewer's data.js are read back here."""
+with hpcwalk.see.colors.color; the report's curve colours and the viewer's data.js are read back here."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import json
 
 from matplotlib.colors import to_hex
 
-from hpcwalk.colors import METHOD_COLORS
-from hpcwalk.figures import trajectory_figure
-from hpcwalk.report import fig_score_curves
-from hpcwalk.runindex import open_run
-from hpcwalk.viewer import build_viewer
+from hpcwalk.see.colors import METHOD_COLORS
+from hpcwalk.see.figures import trajectory_figure
+from hpcwalk.see.report import fig_score_curves
+from hpcwalk.store.runindex import open_run
+from hpcwalk.see.viewer.build import build_viewer
 from synthetic_run import LATENT3, make_run
 
 

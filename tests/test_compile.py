@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from hpcwalk.compile import CompileConfig, CompileError, prepare
-from hpcwalk.engine import Renderer
-from hpcwalk.job import JobError, parse_job
+from hpcwalk.sd.compile import CompileConfig, prepare
+from hpcwalk.core.errors import CompileError
+from hpcwalk.render.engine import Renderer
+from hpcwalk.core.errors import JobError
+from hpcwalk.job.parse import parse_job
 from hpcwalk.kernels.guided_dpm import guided_dpm_step
 from jobs import max_abs_diff, pick_rows
 
@@ -94,7 +96,7 @@ def test_xformers_unusable_here_is_a_clear_error(tiny):
 def test_fp8_path_is_part_of_the_fingerprint_and_the_metadata():
     """FP8 frames are not the exact frames: a run rendered with it is another run (resume refuses to mix
     them), and every shard's metadata says so with the library that made them."""
-    from hpcwalk.store import run_metadata
+    from hpcwalk.store.schema import run_metadata
 
     bf16 = parse_job({"render": {"dtype": "bfloat16"}, "walk": _WALK})
     fp8 = parse_job({"render": {"dtype": "bfloat16"}, "compile": {"quantize": "fp8"}, "walk": _WALK})
@@ -140,7 +142,7 @@ def test_inductor_settings_are_this_compile_options():
 def test_fp8_refusals_name_the_fix():
     """The FP8 path's decision on each kind of machine (the CUDA cases cannot happen on this CPU, so the
     decision is checked on their figures; the CPU case is also checked for real above)."""
-    from hpcwalk.fp8 import fp8_problem
+    from hpcwalk.sd.fp8 import fp8_problem
 
     assert "not on cpu: set quantize = 'none'" in fp8_problem("fp8", "cpu", (0, 0), "0.18.0")
     assert "this GPU has 8.0" in fp8_problem("fp8", "cuda", (8, 0), "0.18.0")  # A100: no FP8 tensor cores
@@ -168,7 +170,7 @@ def test_cli_refuses_fp8_on_the_cpu_before_writing(tmp_path):
 def test_cudnn_benchmark_is_on_during_calls_and_restored(tiny, monkeypatch):
     """cudnn_benchmark sets torch.backends.cudnn.benchmark for the UNet and VAE calls only (checked from
     inside the modules) and restores it after each, also when the call fails."""
-    import hpcwalk.compile as hc
+    import hpcwalk.sd.compile as hc
 
     monkeypatch.setattr(hc.CompileConfig, "check", lambda self, *a: None)  # the device check needs CUDA
     seen = []
@@ -207,7 +209,7 @@ def test_cudnn_attention_restricts_the_unet_only(tiny, monkeypatch):
     """cuDNN has no kernel for the VAE's one 512-wide attention head ("No available kernel" on an
     H200): `cudnn` restricts the UNet's SDPA calls and leaves the VAE decode on torch's default
     choice. On this CPU a cuDNN-only SDPA call has no kernel at all, which makes the split visible."""
-    import hpcwalk.compile as hc
+    import hpcwalk.sd.compile as hc
 
     monkeypatch.setattr(hc, "check_cudnn_attention", lambda device: None)  # the device check needs CUDA
     monkeypatch.setattr(hc.CompileConfig, "problems", lambda self, *a: [])  # and so does float16 (tiny is float32 here)
@@ -278,7 +280,7 @@ def test_every_exact_compile_lever_together_equals_eager(tiny, tiny_job, rows):
     CUDA-only levers (CUDA graphs, cudnn_benchmark) are checked the same way in tests/test_gpu.py."""
     import torch._inductor.config as inductor_config
 
-    from hpcwalk.clip import load_clip
+    from hpcwalk.render.clip import load_clip
 
     before = inductor_config.get_config_copy()
     sampling = dataclasses.replace(tiny_job.sampling, steps=8)

@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from hpcwalk.cli import app
-from hpcwalk.encoder import EncoderLoadError, check_encoder, load_encoder
+from hpcwalk.render.encoder import EncoderLoadError, check_encoder, load_encoder
 from jobs import tiny_job_toml, walk
 
 REPO = "facebook/dinov2-small"
@@ -75,7 +75,7 @@ def test_uncached_encoder_fails_before_any_work(tmp_path, monkeypatch):
 
 def test_the_encoder_looks_in_the_sd_loaders_cache(tmp_path, monkeypatch):
     """HF_HOME unset, XDG_CACHE_HOME set: the encoder's cache is the one `hpcwalk models` and the SD loader use."""
-    from hpcwalk.encoder import hub_cache
+    from hpcwalk.render.encoder import hub_cache
 
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HF_HOME", raising=False)

@@ -14,11 +14,12 @@ import pytest
 from typer.testing import CliRunner
 
 from hpcwalk.cli import app
-from hpcwalk.engine import Renderer
-from hpcwalk.executors import run_render
-from hpcwalk.invert import InversionCache, key_for
-from hpcwalk.job import load_job, plan, shard
-from hpcwalk.store import read_frames
+from hpcwalk.render.engine import Renderer
+from hpcwalk.run.local import run_render
+from hpcwalk.render.invert import InversionCache, key_for
+from hpcwalk.job.parse import load_job
+from hpcwalk.job.plan import plan, shard
+from hpcwalk.store.reader import read_frames
 from jobs import tiny_job_toml, walk
 from test_walks import pictures
 
@@ -92,7 +93,7 @@ def test_endpoints_are_inverted_once_before_rendering_and_are_the_walks_end_fram
         assert (rows[0]["image_sha256"], rows[1]["image_sha256_b"]) == w.image_sha256
     assert t.filter(pc.equal(t["walk"], "w"))["image_psnr"].null_count == 3  # other kinds: null
     # 3. the stored reconstruction is the renderer's DDIM sampling of the stored z_T, measured against the input
-    from hpcwalk.invert import psnr
+    from hpcwalk.core.metrics import psnr
 
     assert inv[0].image.shape == (32, 32, 3) and psnr(inv[0].reconstruction, inv[0].image) == inv[0].psnr
     print(f"tiny (random VAE and UNet), {STEPS} steps, refine {REFINE}: PSNR {inv[0].psnr:.2f} / {inv[1].psnr:.2f} dB")
@@ -121,7 +122,7 @@ def test_a_changed_image_stops_the_run_before_anything_is_written(job_path, tmp_
     from PIL import Image
 
     Image.open(folder / "in" / "b.png").rotate(90).save(folder / "in" / "b.png")
-    from hpcwalk.job import JobError
+    from hpcwalk.core.errors import JobError
 
     with pytest.raises(JobError, match="changed since the job was read"):
         run_render(job, str(tmp_path / "out"), shard(plan(job), 3), progress=False)

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from hpcwalk import interp
-from hpcwalk.engine import Renderer, draw_noise, make_scheduler
-from hpcwalk.job import NoiseKey, plan
+from hpcwalk.render import interp
+from hpcwalk.render.engine import Renderer, draw_noise, make_scheduler
+from hpcwalk.job.spec import NoiseKey
+from hpcwalk.job.plan import plan
 
 BOUND = 1  # max abs difference on the uint8 image
 
@@ -127,7 +128,7 @@ V_PICKS = ["seeds/slerp/00005", "cat-to-dog/linear/00002", "one-latent/prompts/0
 
 @pytest.fixture(scope="module")
 def tiny_v():
-    from hpcwalk.models import load_components
+    from hpcwalk.sd.models import load_components
 
     return load_components("tiny-v", "float32", "cpu")
 
@@ -152,7 +153,7 @@ def test_v_prediction_frames_equal_diffusers_pipeline(tiny_v, tiny_job, rendered
 
 def test_v_prediction_fused_step_equals_scheduler_path(tiny_v, tiny_job, rendered):
     """The fused guidance + DPM-Solver++ step (torch reference here) on a v-prediction model."""
-    from hpcwalk.compile import CompileConfig
+    from hpcwalk.sd.compile import CompileConfig
 
     rows = [rendered[f][0] for f in V_PICKS]
     plain = Renderer(tiny_v, tiny_job.sampling, batch_size=3).render(rows).images

@@ -1,4 +1,4 @@
-"""Even pacing end to end (hpcwalk/evenpace.py through executors.run_render): on a path with a known uneven pace
+"""Even pacing end to end (hpcwalk/run/evenpace.py through executors.run_render): on a path with a known uneven pace
 the step_cv falls by a stated factor; the plan is a function of committed data (identical on rerun, and when
 computed again); coinciding frames are copied, not rendered; readers show the final pass; a SIGKILL between or
 during the passes loses nothing (trials in a fresh interpreter, as tests/test_sigkill.py)."""
@@ -16,11 +16,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from hpcwalk import pacing
-from hpcwalk.engine import RenderOutput
-from hpcwalk.executors import run_render
-from hpcwalk.job import parse_job, plan, shard
-from hpcwalk.store import read_frames
+from hpcwalk.job import pacing
+from hpcwalk.render.engine import RenderOutput
+from hpcwalk.run.local import run_render
+from hpcwalk.job.parse import parse_job
+from hpcwalk.job.plan import plan, shard
+from hpcwalk.store.reader import read_frames
 from jobs import run_trials
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -75,7 +76,7 @@ def test_even_pacing_evens_a_known_uneven_path(tmp_path):
     coarse = np.arange(9) / 8
     a = np.pi / 2 * coarse**3
     emb = np.stack([np.cos(a), np.sin(a)], 1).astype(np.float32).astype(np.float64)
-    from hpcwalk.metrics import step_distances
+    from hpcwalk.core.metrics import step_distances
 
     want = pacing.even_gammas(coarse, pacing.chord_distance(step_distances(emb)), 33)
     t = read_frames(out).sort_by("frame_id")
@@ -167,14 +168,14 @@ def test_final_pass_never_copies_from_a_damaged_coarse_shard(tmp_path):
     summary = run_render(job, out, shards, progress=False, factory=lambda j: CoarseFails(j))
     assert {r.shard for r in summary.failed} == {coarse[0], *final}, [(r.shard, r.error) for r in summary.failed]
     assert all("waits for the coarse pass" in r.error for r in summary.failed if r.shard in final)
-    from hpcwalk.store import committed_shards
+    from hpcwalk.store.reader import committed_shards
 
     assert not set(final) & committed_shards(out)  # no final shard was committed from the damaged file
 
 
 def test_even_pacing_on_tiny_reads_back_as_the_final_walk(tiny, tmp_path):
     """A real render (pixel steps, several methods and keyframes): readers show the final pass only."""
-    from hpcwalk.engine import Renderer
+    from hpcwalk.render.engine import Renderer
     from typer.testing import CliRunner
 
     from hpcwalk.cli import app
@@ -226,9 +227,9 @@ def main(tmp: str, seed: int) -> dict:
 
     import torch
 
-    from hpcwalk import evenpace
-    from hpcwalk.engine import Renderer
-    from hpcwalk.store import committed_shards
+    from hpcwalk.run import evenpace
+    from hpcwalk.render.engine import Renderer
+    from hpcwalk.store.reader import committed_shards
     from test_sigkill import _duration, _fork, watchdog
 
     warnings.simplefilter("ignore")

@@ -11,18 +11,14 @@ import pytest
 from typer.testing import CliRunner
 
 from hpcwalk.cli import app, expand_ray_flag
-from hpcwalk.engine import Renderer
-from hpcwalk.executors import (
-    ExecutorError,
-    ExecutorOptions,
-    LocalExecutor,
-    check_ray_address,
-    render_shard,
-    run_render,
-)
-from hpcwalk.job import FrameRow, plan, shard
-from hpcwalk.ray_executor import WorkerPlan, plan_workers, worker_job
-from hpcwalk.store import ShardStore, committed_shards, read_frames
+from hpcwalk.render.engine import Renderer
+from hpcwalk.run.base import ExecutorError, ExecutorOptions, check_ray_address, render_shard
+from hpcwalk.run.local import LocalExecutor, run_render
+from hpcwalk.job.spec import FrameRow
+from hpcwalk.job.plan import plan, shard
+from hpcwalk.run.rayworker import WorkerPlan, plan_workers, worker_job
+from hpcwalk.store.writer import ShardStore
+from hpcwalk.store.reader import committed_shards, read_frames
 from jobs import cat_walk, tiny_job_toml
 
 JOB = tiny_job_toml(cat_walk(methods=["slerp"], frames=6), steps=3)  # `job`, `renderer`: conftest.py
@@ -219,7 +215,7 @@ def test_local_executor_reports_a_commit_at_the_next_batch_boundary(job, rendere
 _KILLED_HOLDING_TQDM = r"""
 import os, signal, sys
 from tqdm import tqdm
-from hpcwalk.executors import run_render
+from hpcwalk.run.local import run_render
 from hpcwalk.job import load_job, plan, shard
 
 lock = tqdm.get_lock()  # a threading RLock and a multiprocessing RLock, the latter shared with forked children

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from hpcwalk.figures import FigureError, norm_figure, trajectory_figure, walk_contact_sheet
-from hpcwalk.runindex import open_run
-from hpcwalk.store import read_frames
+from hpcwalk.see.figures import FigureError, norm_figure, trajectory_figure, walk_contact_sheet
+from hpcwalk.store.runindex import open_run
+from hpcwalk.store.reader import read_frames
 from synthetic_run import make_run
 
 
@@ -36,10 +36,11 @@ def test_trajectory_figure_draws_the_three_paths(tmp_path):
 @pytest.fixture(scope="module")
 def real_run(tiny, tmp_path_factory):
     """A latent walk rendered by the real Renderer with the tiny model (3 methods x 3 frames, 1 step)."""
-    from hpcwalk.engine import Renderer
-    from hpcwalk.executors import render_shard
-    from hpcwalk.job import parse_job, plan, shard
-    from hpcwalk.store import ShardStore
+    from hpcwalk.render.engine import Renderer
+    from hpcwalk.run.base import render_shard
+    from hpcwalk.job.parse import parse_job
+    from hpcwalk.job.plan import plan, shard
+    from hpcwalk.store.writer import ShardStore
 
     job = parse_job({"model": {"id": "tiny"}, "sampling": {"steps": 1, "height": 64, "width": 64},
                      "clip": {"enabled": False}, "output": {"shard_size": 9},
@@ -54,10 +55,10 @@ def real_run(tiny, tmp_path_factory):
 
 def test_norm_figure_plots_the_runs_latent_norms(real_run, tmp_path):
     """The plotted series are the run's latent_norm column, which matches ||z_T|| / sqrt(numel) recomputed
-    from the seeds with hpcwalk.interp; linear sags to about sqrt(1/2) at gamma = 0.5, the others do not."""
-    from hpcwalk import interp
-    from hpcwalk.engine import draw_noise
-    from hpcwalk.job import NoiseKey
+    from the seeds with hpcwalk.render.interp; linear sags to about sqrt(1/2) at gamma = 0.5, the others do not."""
+    from hpcwalk.render import interp
+    from hpcwalk.render.engine import draw_noise
+    from hpcwalk.job.spec import NoiseKey
 
     path = str(tmp_path / "norm.png")
     series = norm_figure(open_run(real_run), "seeds", path)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from hpcwalk.compile import CompileConfig, CompileError
-from hpcwalk.engine import Renderer
+from hpcwalk.sd.compile import CompileConfig
+from hpcwalk.core.errors import CompileError
+from hpcwalk.render.engine import Renderer
 from jobs import max_abs_diff, pick_rows
 
 pytestmark = pytest.mark.gpu
@@ -22,7 +23,7 @@ PICKS = ["seeds/slerp/00005", "cat-to-dog/linear/00002", "std-sweep/std/00001", 
 
 @pytest.fixture(scope="module")
 def cuda_tiny():
-    from hpcwalk.models import load_components
+    from hpcwalk.sd.models import load_components
 
     return load_components("tiny", "float32", "cuda")
 
@@ -61,7 +62,7 @@ def test_guided_step_kernel_on_cuda(dtype):
     from diffusers import DPMSolverMultistepScheduler
 
     from hpcwalk.kernels import guided_dpm as gd
-    from hpcwalk.models import SD14_SCHEDULER_CONFIG
+    from hpcwalk.sd.models import SD14_SCHEDULER_CONFIG
 
     sched = DPMSolverMultistepScheduler.from_config(SD14_SCHEDULER_CONFIG)
     sched.set_timesteps(30)
@@ -100,7 +101,7 @@ def test_cuda_graphs_renderer_equals_plain(cuda_tiny, tiny_job, rows, plain):
 
 
 def test_float16_render_has_finite_frames_and_guard_column(tiny_job, rows):
-    from hpcwalk.models import load_components
+    from hpcwalk.sd.models import load_components
 
     half = load_components("tiny", "float16", "cuda")
     out = Renderer(half, tiny_job.sampling, batch_size=4, compile=CompileConfig(step="fused")).render(rows)
@@ -109,7 +110,7 @@ def test_float16_render_has_finite_frames_and_guard_column(tiny_job, rows):
 
 
 def test_nan_guard_on_cuda(tiny_job):
-    from hpcwalk.models import load_components
+    from hpcwalk.sd.models import load_components
 
     c = load_components("tiny", "float32", "cuda")
     vae = copy.deepcopy(c.vae)
@@ -146,7 +147,7 @@ def test_cudnn_attention_renders_and_decodes_sd14_vae_attention(tiny_job, rows):
     instead of failing ("No available kernel", seen on an H200 on 2026-11-26 before the fix)."""
     from diffusers import AutoencoderKL
 
-    from hpcwalk.models import PRESETS, load_components
+    from hpcwalk.sd.models import PRESETS, load_components
 
     name = torch.cuda.get_device_name()
     if not any(h in name for h in ("H100", "H200")):
@@ -187,8 +188,8 @@ def test_every_exact_lever_on_cuda_equals_plain(tiny_job, rows):
     channels_last, fused QKV, UNet + VAE + CLIP compiled): frames within 1 level of the plain path,
     replays equal, cudnn.benchmark restored. TF32 is off for both renders (cuDNN's float32 default is
     TF32, whose noise would be measured instead of the levers')."""
-    from hpcwalk.clip import load_clip
-    from hpcwalk.models import load_components
+    from hpcwalk.render.clip import load_clip
+    from hpcwalk.sd.models import load_components
 
     levers = CompileConfig(mode="reduce-overhead", scope="unet+vae+clip", channels_last=True, fuse_qkv=True,
                            cudnn_benchmark=True, inductor="conv1x1-mm+coordinate-descent+no-epilogue-fusion")
@@ -205,10 +206,10 @@ def test_every_exact_lever_on_cuda_equals_plain(tiny_job, rows):
 
 
 def test_memory_estimate_covers_the_renders_peak(tiny_job, rows):
-    """The batch check's estimate (hpcwalk/memory.py) against what the CUDA allocator saw while a micro-batch
+    """The batch check's estimate (hpcwalk/sd/memory.py) against what the CUDA allocator saw while a micro-batch
     of 8 frames rendered at 512x512: not below it, and not wildly above (within 2x)."""
-    from hpcwalk.memory import estimate
-    from hpcwalk.models import load_components
+    from hpcwalk.sd.memory import estimate
+    from hpcwalk.sd.models import load_components
 
     c = load_components("tiny", "float32", "cuda")
     s = dataclasses.replace(tiny_job.sampling, height=512, width=512, steps=2)
@@ -227,8 +228,8 @@ def test_fp8_path_renders_on_hopper_or_is_refused_in_one_line(tiny_job, rows):
     """Where FP8 can run (compute capability >= 8.9 and torchao >= 0.18), the UNet's Linear layers are
     converted and the frames stay close to bfloat16's; elsewhere the refusal is the one the check names."""
     from hpcwalk.bench.quality import frame_quality
-    from hpcwalk.fp8 import fp8_problem, torchao_version
-    from hpcwalk.models import load_components
+    from hpcwalk.sd.fp8 import fp8_problem, torchao_version
+    from hpcwalk.sd.models import load_components
 
     config = CompileConfig(quantize="fp8-rowwise")
     problem = fp8_problem("fp8-rowwise", "cuda", torch.cuda.get_device_capability(), torchao_version())

@@ -1,4 +1,4 @@
-"""Tests for hpcwalk.interp: exact endpoints, distributional properties, operators, dispatch."""
+"""Tests for hpcwalk.render.interp: exact endpoints, distributional properties, operators, dispatch."""
 
 import math
 
@@ -6,21 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from hpcwalk.interp import (
-    METHODS,
-    SLERP_DOT_THRESHOLD,
-    TEXT_METHODS,
-    interpolate,
-    interpolate_text,
-    keyframe_walk,
-    lerp,
-    mix,
-    normalized_lerp,
-    scale_std,
-    segment_gammas,
-    slerp,
-    translate,
-)
+from hpcwalk.job.spec import METHODS, TEXT_METHODS
+from hpcwalk.render.interp import SLERP_DOT_THRESHOLD, interpolate, interpolate_text, keyframe_walk, lerp, mix, normalized_lerp, scale_std, segment_gammas, slerp, translate
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [(3, 5, 7), (1, 4, 9, 11), (4, 8, 8), (77, 768)]

@@ -1,4 +1,4 @@
-"""hpcwalk.invert: image loading and fitting, VAE encoding, DDIM inversion and its round trip, the cache.
+"""hpcwalk.render.invert: image loading and fitting, VAE encoding, DDIM inversion and its round trip, the cache.
 
 Peers: diffusers' DiffEdit pipeline (its `invert` runs DDIMInverseScheduler the way diffusers does),
 diffusers' VaeImageProcessor for the VAE input, torchmetrics for PSNR. The tiny model has random
@@ -17,10 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from hpcwalk.engine import Renderer
-from hpcwalk.invert import (ImageError, InversionCache, ddim_invert, encode_latent, invert_image, inversion_key,
-                            load_image, psnr)
-from hpcwalk.job import Sampling
+from hpcwalk.render.engine import Renderer
+from hpcwalk.job.imagefile import ImageError, load_image
+from hpcwalk.render.invert import InversionCache, ddim_invert, encode_latent, invert_image, inversion_key
+from hpcwalk.core.metrics import psnr
+from hpcwalk.job.spec import Sampling
 
 SIZE = 64
 PROMPT = "a photo of a cat"
@@ -155,7 +156,7 @@ def test_invert_image_measures_and_caches(tiny, picture, tmp_path, caplog):
     # 4. a damaged file is a miss (logged), inverted again and replaced
     path = cache.path(inversion_key(r, picture, PROMPT))
     path.write_bytes(path.read_bytes()[:100])
-    with caplog.at_level(logging.WARNING, logger="hpcwalk.invert"):
+    with caplog.at_level(logging.WARNING, logger="hpcwalk.render.invert"):
         redone = invert_image(r, picture, PROMPT, cache)
     assert not redone.cached and "unusable" in caplog.text
     assert torch.equal(redone.z_T, first.z_T)  # deterministic

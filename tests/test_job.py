@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from hpcwalk.job import JobError, NoiseKey, RenderJob, load_job, parse_job, plan, shard
+from hpcwalk.core.errors import JobError
+from hpcwalk.job.spec import NoiseKey, RenderJob
+from hpcwalk.job.parse import load_job, parse_job
+from hpcwalk.job.plan import plan, shard
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -172,7 +175,7 @@ def test_fingerprints_of_earlier_runs_hold():
     its default changes it."""
     import dataclasses
 
-    from hpcwalk.job import load_job
+    from hpcwalk.job.parse import load_job
 
     job = load_job(EXAMPLES / "quickstart.toml")
     job = dataclasses.replace(job, model=dataclasses.replace(job.model, id="CompVis/stable-diffusion-v1-4"))

@@ -113,7 +113,7 @@ def test_dispatch_logs_the_path(interpret, caplog):
 def _dpm_scheduler(steps: int, **config):
     from diffusers import DPMSolverMultistepScheduler
 
-    from hpcwalk.models import SD14_SCHEDULER_CONFIG
+    from hpcwalk.sd.models import SD14_SCHEDULER_CONFIG
 
     sched = DPMSolverMultistepScheduler.from_config({**SD14_SCHEDULER_CONFIG, **config})
     sched.set_timesteps(steps)
@@ -214,7 +214,7 @@ def test_v_prediction_kernel_in_the_interpreter_follows_the_scheduler(interpret)
 def test_other_scheduler_is_refused():
     from diffusers import DDIMScheduler
 
-    from hpcwalk.models import SD14_SCHEDULER_CONFIG
+    from hpcwalk.sd.models import SD14_SCHEDULER_CONFIG
 
     sched = DDIMScheduler.from_config(SD14_SCHEDULER_CONFIG)
     sched.set_timesteps(10)

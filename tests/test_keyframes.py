@@ -1,11 +1,13 @@
-"""hpcwalk.keyframes: (segment, local gamma) rows of a keyframe walk, cut as job.plan cuts latent walks."""
+"""hpcwalk.job.plan: (segment, local gamma) rows of a keyframe walk, cut as job.plan cuts latent walks."""
 
 from __future__ import annotations
 
 import pytest
 
-from hpcwalk.job import NoiseKey, _segments
-from hpcwalk.keyframes import Keyframe, keyframe_steps
+from hpcwalk.job.spec import NoiseKey
+from hpcwalk.job.plan import _segments
+from hpcwalk.job.spec import Keyframe
+from hpcwalk.job.plan import keyframe_steps
 
 CAT, DOG, FOX = (Keyframe("a cat", NoiseKey(1), 5), Keyframe("a dog", NoiseKey(2, 1), 3), Keyframe("a fox", NoiseKey(3)))
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hpcwalk.compile import CompileError
-from hpcwalk.engine import Renderer
-from hpcwalk.memory import BUDGET_ENV, MARGIN, check_batch_memory, estimate, measure, peak_bytes
+from hpcwalk.core.errors import CompileError
+from hpcwalk.render.engine import Renderer
+from hpcwalk.sd.memory import BUDGET_ENV, MARGIN, check_batch_memory, estimate, measure, peak_bytes
 
 MB4 = 4 * 1000 * 1000  # one float32 (1000, 1000) tensor
 

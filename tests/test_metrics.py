@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hpcwalk import metrics
+from hpcwalk.core import metrics
 
 # hand-made embeddings (not unit length): a text vector and five frames of a walk
 TEXT = np.array([2.0, 0.0, 0.0])

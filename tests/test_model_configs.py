@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpcwalk.job import tomllib
-from hpcwalk.loaders import scheduler_config_of
-from hpcwalk.models import PRESETS, SD14_SCHEDULER_CONFIG
-from hpcwalk.weights import CONFIGS_DIR, Header, ModelLoadError, detect_config, read_header, resolve
+import tomllib
+from hpcwalk.sd.loaders import scheduler_config_of
+from hpcwalk.sd.models import PRESETS, SD14_SCHEDULER_CONFIG
+from hpcwalk.sd.weights import CONFIGS_DIR, Header, ModelLoadError, detect_config, read_header, resolve
 from ldm_checkpoint import save_ldm, to_ldm
 
 
@@ -119,11 +119,11 @@ def test_presets_are_the_shipped_architectures():
 
 
 def test_package_data_covers_the_configs():
-    """Every file under hpcwalk/configs/ is matched by pyproject's package-data globs (so wheels carry it)."""
+    """Every file under hpcwalk/sd/configs/ is matched by pyproject's package-data globs (so wheels carry it)."""
     root = Path(__file__).resolve().parent.parent
-    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["hpcwalk"]
-    files = {p for p in (root / "hpcwalk" / "configs").rglob("*") if p.is_file()}
-    shipped = {p for pat in patterns for p in (root / "hpcwalk").glob(pat)}
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["hpcwalk.sd"]
+    files = {p for p in (root / "hpcwalk" / "sd" / "configs").rglob("*") if p.is_file()}
+    shipped = {p for pat in patterns for p in (root / "hpcwalk" / "sd").glob(pat)}
     assert len(files) >= 22 and files <= shipped, sorted(map(str, files - shipped))
 
 
@@ -132,7 +132,7 @@ def test_reduced_dtype_builtin_is_the_float32_one_rounded():
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from hpcwalk.models import _fill_uniform
+    from hpcwalk.sd.models import _fill_uniform
 
     built = {}
     for dt in (torch.float32, torch.bfloat16):

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from hpcwalk.models import PRESETS, ModelLoadError, build_random, check_model_spec, clip_tokenizer, load_components
+from hpcwalk.sd.models import PRESETS, build_random, check_model_spec, load_components
+from hpcwalk.sd.weights import ModelLoadError
+from hpcwalk.sd.loaders import clip_tokenizer
 
 
 def test_tokenizer_matches_open_clip_ids():
@@ -97,7 +99,7 @@ def test_saved_tiny_folder_round_trips(tiny, tmp_path):
     """A diffusers folder saved from tiny loads back with the same weights."""
     from diffusers import StableDiffusionPipeline
 
-    from hpcwalk.engine import make_scheduler
+    from hpcwalk.render.engine import make_scheduler
 
     pipe = StableDiffusionPipeline(
         vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=tiny.unet,

@@ -1,4 +1,4 @@
-"""hpcwalk.pacing: easing curves, even pacing from a coarse pass, audio decoding, onsets and audio pacing.
+"""hpcwalk.job.pacing: easing curves, even pacing from a coarse pass, audio decoding, onsets and audio pacing.
 
 Audio files are written with PyAV in real containers (WAV, FLAC, MP3, AAC in M4A) and decoded back;
 the STFT is checked against scipy's ShortTimeFFT, the step measure is the study's own
@@ -12,9 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hpcwalk import metrics
-from hpcwalk.pacing import (EASINGS, AudioError, audio_gammas, chord_distance, decode_audio, ease, even_gammas,
-                            onset_strength, pixel_distances, reuse_index, stft_magnitude)
+from hpcwalk.core import metrics
+from hpcwalk.job.pacing import EASINGS, AudioError, audio_gammas, chord_distance, decode_audio, ease, even_gammas, onset_strength, pixel_distances, reuse_index, stft_magnitude
 from jobs import write_audio
 
 # ---------------------------------------------------------------------------------------------

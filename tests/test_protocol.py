@@ -15,9 +15,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from hpcwalk import interp
+from hpcwalk.render import interp
 from hpcwalk.cli import app
-from hpcwalk.job import JobError, load_job, parse_job, plan
+from hpcwalk.core.errors import JobError
+from hpcwalk.job.parse import load_job, parse_job
+from hpcwalk.job.plan import plan
 from jobs import tiny_job_toml, walk
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +88,7 @@ def test_clip_score_follows_the_scoring_prompt(renderer, job):
 def test_score_prompt_column_and_rescoring_with_another_prompt(job_file, tmp_path):
     """`render` stores score_prompt per row; `hpcwalk score RUN --prompt TEXT` re-scores every frame against
     TEXT with the run's own CLIP model, into a folder named by the text's hash."""
-    from hpcwalk.clip import load_clip
+    from hpcwalk.render.clip import load_clip
     from PIL import Image
     import io
 
@@ -138,7 +140,7 @@ def test_renderer_uses_the_walks_mix_layout(renderer, job):
 
 
 def _key(r, end: int):
-    from hpcwalk.job import NoiseKey
+    from hpcwalk.job.spec import NoiseKey
 
     return NoiseKey(r.seed, r.draw) if end == 0 else NoiseKey(r.seed_b, r.draw_b)
 
@@ -190,7 +192,7 @@ def test_text_walk_score_prompts_need_one_per_prompt():
 def test_study_score_prompt_reaches_every_walk():
     import tomllib
 
-    from hpcwalk.study import parse_study
+    from hpcwalk.job.studyspec import parse_study
 
     data = tomllib.loads((ROOT / "examples" / "study.toml").read_text())
     st = parse_study(data)

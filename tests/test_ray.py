@@ -19,11 +19,15 @@ import pytest
 import ray
 import torch
 
-from hpcwalk.engine import Renderer
-from hpcwalk.executors import ExecutorError, ExecutorOptions, run_render
-from hpcwalk.job import FrameRow, RenderJob, plan, shard
-from hpcwalk.ray_executor import RayExecutor
-from hpcwalk.store import ShardStore, committed_shards, read_frames, run_metadata
+from hpcwalk.render.engine import Renderer
+from hpcwalk.run.base import ExecutorError, ExecutorOptions
+from hpcwalk.run.local import run_render
+from hpcwalk.job.spec import FrameRow, RenderJob
+from hpcwalk.job.plan import plan, shard
+from hpcwalk.run.ray import RayExecutor
+from hpcwalk.store.writer import ShardStore
+from hpcwalk.store.reader import committed_shards, read_frames
+from hpcwalk.store.schema import run_metadata
 from jobs import cat_walk, sigkill_render, tiny_job_toml, walk
 
 pytestmark = pytest.mark.ray
@@ -247,7 +251,7 @@ def test_images_walk_is_inverted_once_and_read_by_every_worker(cluster, tmp_path
     from the run folder, and every frame equals the local executor's (one torch thread, as the workers)."""
     import json
 
-    from hpcwalk.job import load_job
+    from hpcwalk.job.parse import load_job
     from test_walks import pictures
 
     folder = tmp_path / "job"

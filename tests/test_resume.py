@@ -12,9 +12,9 @@ import torch
 from typer.testing import CliRunner
 
 from hpcwalk.cli import app
-from hpcwalk.executors import run_render
-from hpcwalk.job import plan, shard
-from hpcwalk.store import committed_shards, read_frames
+from hpcwalk.run.local import run_render
+from hpcwalk.job.plan import plan, shard
+from hpcwalk.store.reader import committed_shards, read_frames
 from jobs import cat_walk, sigkill_render, tiny_job_toml
 
 JOB = tiny_job_toml(cat_walk(methods=["linear", "slerp"], frames=6))

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from hpcwalk.cli import app
-from hpcwalk.clip import CLIP_PRESETS, load_clip
+from hpcwalk.render.clip import CLIP_PRESETS, load_clip
 from jobs import tiny_job_toml, walk
 
 JOB = tiny_job_toml(

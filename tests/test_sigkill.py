@@ -89,7 +89,7 @@ def _fork(fn, delay_s: float | None) -> bool:
 
 
 def _state(out: str) -> dict:
-    from hpcwalk.store import committed_shards
+    from hpcwalk.store.reader import committed_shards
 
     files = [f for d in ("frames", "commits") if os.path.isdir(os.path.join(out, d))
              for f in os.listdir(os.path.join(out, d))]
@@ -98,7 +98,7 @@ def _state(out: str) -> dict:
 
 
 def _check(out: str, ref, rerun_exit: int) -> dict:
-    from hpcwalk.store import read_frames, verify_run
+    from hpcwalk.store.reader import read_frames, verify_run
 
     got = read_frames(out).sort_by("frame_id").replace_schema_metadata(None)
     ids = got.column("frame_id").to_pylist()
@@ -116,9 +116,10 @@ def main(tmp: str, seed: int) -> dict:
     from typer.testing import CliRunner
 
     from hpcwalk.cli import app
-    from hpcwalk.executors import run_render
-    from hpcwalk.job import load_job, plan, shard
-    from hpcwalk.store import read_frames, verify_run
+    from hpcwalk.run.local import run_render
+    from hpcwalk.job.parse import load_job
+    from hpcwalk.job.plan import plan, shard
+    from hpcwalk.store.reader import read_frames, verify_run
     from jobs import cat_walk, tiny_job_toml
     from test_verify import DAMAGE, damage
 
@@ -133,7 +134,7 @@ def main(tmp: str, seed: int) -> dict:
                 + "[clip]\nenabled = false\n")
     job = load_job(job_file)
     shards = shard(plan(job), job.output.shard_size)
-    from hpcwalk.engine import Renderer
+    from hpcwalk.render.engine import Renderer
 
     renderer = Renderer.from_job(job)
 

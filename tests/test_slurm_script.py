@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcwalk.store import committed_shards, read_frames
+from hpcwalk.store.reader import committed_shards, read_frames
 from jobs import cat_walk, tiny_job_toml
 
 pytestmark = pytest.mark.ray

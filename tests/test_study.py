@@ -17,8 +17,9 @@ import pytest
 from typer.testing import CliRunner
 
 from hpcwalk.cli import app
-from hpcwalk.job import JobError, plan
-from hpcwalk.study import parse_study
+from hpcwalk.core.errors import JobError
+from hpcwalk.job.plan import plan
+from hpcwalk.job.studyspec import parse_study
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "study.toml"
 FAST = {"steps = 30": "steps = 2", "guidance = 7.5": "guidance = 1.0"}  # speed only; the example as it is runs slow below
@@ -231,7 +232,7 @@ def _synthetic_frames(st, drop_last: bool = False):
 
 
 def test_summary_averages_prompts_within_a_pair_and_reports_each_prompt():
-    from hpcwalk.study import summarize, walk_table
+    from hpcwalk.analyse.interpscore import summarize, walk_table
 
     data = tomllib.loads(EXAMPLE.read_text())
     data["study"].update(prompts=["a cat", "a dog"], pairs=3, frames=5, bootstrap=500)
@@ -264,8 +265,8 @@ def test_summary_averages_prompts_within_a_pair_and_reports_each_prompt():
 def test_study_walks_can_be_eased_and_the_analysis_reads_the_eased_grid():
     """[study] easing: every generated walk is eased, and the curves and KID bins are against the eased gammas;
     pace is refused with the reason (one gamma grid for every pair)."""
-    from hpcwalk.pacing import ease
-    from hpcwalk.study import summarize, walk_table
+    from hpcwalk.job.pacing import ease
+    from hpcwalk.analyse.interpscore import summarize, walk_table
 
     data = tomllib.loads(EXAMPLE.read_text())
     data["study"].update(pairs=3, frames=5, bootstrap=500, easing="ease-in-out", easing_exponent=3.0)

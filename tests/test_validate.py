@@ -1,4 +1,4 @@
-"""Bounds on every input, checked before any work (hpcwalk/validate.py): each refusal is one line naming
+"""Bounds on every input, checked before any work (hpcwalk/job/bounds.py): each refusal is one line naming
 the limit and the value, exit 2, nothing written; `render --dry-run` validates and plans, writes
 nothing; a property test throws generated and mutated job files at the dry run."""
 
@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hpcwalk.cli import app
-from hpcwalk.store import read_frames
+from hpcwalk.store.reader import read_frames
 from jobs import cat_walk, tiny_job_toml, tiny_study_toml, walk
 
 runner = CliRunner()

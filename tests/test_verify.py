@@ -16,8 +16,9 @@ import pytest
 from typer.testing import CliRunner
 
 from hpcwalk.cli import app
-from hpcwalk.runindex import open_run
-from hpcwalk.store import RunWarning, read_frames
+from hpcwalk.store.runindex import open_run
+from hpcwalk.store.verify import RunWarning
+from hpcwalk.store.reader import read_frames
 from jobs import cat_walk, tiny_job_toml
 from synthetic_run import LATENT3, make_run
 
@@ -170,7 +171,7 @@ def _lock(out: str, **holder) -> str:
 def test_a_live_driver_refuses_a_second_one(job_file, tmp_path):
     import platform
 
-    from hpcwalk.runlock import _pid_start
+    from hpcwalk.store.runlock import _pid_start
 
     out = str(tmp_path / "run")
     assert runner.invoke(app, ["render", job_file, "--out", out, "--no-progress"]).exit_code == 0
@@ -234,7 +235,7 @@ def test_a_dead_drivers_lock_is_taken_over_with_a_message(job_file, tmp_path):
 
 _KILLED_WRITING_THE_LOCK = r"""
 import os, signal, sys
-from hpcwalk import runlock
+from hpcwalk.store import runlock
 
 def write_then_die(fd, data):  # SIGKILL at the moment the lock's content is written
     os.kill(os.getpid(), signal.SIGKILL)
@@ -292,7 +293,7 @@ def test_a_folder_with_anything_more_is_still_refused(job_file, tmp_path, extra)
 def test_verify_run_only_checks_the_shards_asked_for(run):
     """`only`: the shards a reader of a few shards needs (even pacing's coarse or final pass), checked in full;
     the others are not read at all (shard 1's flipped byte and shard 2's stray temp file go unseen)."""
-    from hpcwalk.store import verify_run
+    from hpcwalk.store.reader import verify_run
 
     damage(run, "checksum mismatch", shard=1)
     damage(run, "stray temp file", shard=2)
@@ -306,8 +307,8 @@ def test_verify_run_only_checks_the_shards_asked_for(run):
 _KILLED_REPLACING = r"""
 import os, signal, sys
 import pyarrow.fs as pafs
-from hpcwalk import store
 from hpcwalk.cli import app
+from hpcwalk.store import reader, writer
 
 class KilledWhileReplacing(pafs.LocalFileSystem):
     # lists run.json first (as ext4's hashed folders may), and SIGKILLs when the old run.json is removed,
@@ -324,7 +325,7 @@ class KilledWhileReplacing(pafs.LocalFileSystem):
     def create_dir(self, path, recursive=True):
         os.kill(os.getpid(), signal.SIGKILL)
 
-store.filesystem = lambda uri: (KilledWhileReplacing(), os.path.abspath(uri))
+writer.filesystem = reader.filesystem = lambda uri: (KilledWhileReplacing(), os.path.abspath(uri))
 app(["render", sys.argv[1], "--out", sys.argv[2], "--no-progress", "--overwrite"])
 """
 
@@ -440,7 +441,7 @@ def test_the_lock_on_a_filesystem_without_hard_links(tmp_path, monkeypatch):
     then written): still exactly one holder, and a whole lock file that is removed at release."""
     import errno
 
-    from hpcwalk import runlock
+    from hpcwalk.store import runlock
 
     def no_links(src, dst):
         raise OSError(errno.EPERM, "Operation not permitted", src)

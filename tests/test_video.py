@@ -20,8 +20,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from hpcwalk.cli import app
-from hpcwalk.runindex import open_run
-from hpcwalk.video import FORMATS, Layout, VideoError, VideoOptions, require_encoder, write_video
+from hpcwalk.store.runindex import open_run
+from hpcwalk.see.video import FORMATS, Layout, VideoError, VideoOptions, require_encoder, write_video
 from synthetic_run import LATENT3, frame_image, make_run
 
 runner = CliRunner()
@@ -195,8 +195,8 @@ def test_not_a_run_exits_2(tmp_path):
 
 _CHILD = textwrap.dedent("""
     import json, sys, time
-    from hpcwalk.runindex import open_run
-    from hpcwalk.video import VideoOptions, write_video
+    from hpcwalk.store.runindex import open_run
+    from hpcwalk.see.video import VideoOptions, write_video
     def status():
         d = {}
         for line in open("/proc/self/status"):

@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from hpcwalk.cli import app
-from hpcwalk.runindex import open_run
-from hpcwalk.store import read_frames
-from hpcwalk.viewer import build_viewer
+from hpcwalk.store.runindex import open_run
+from hpcwalk.store.reader import read_frames
+from hpcwalk.see.viewer.build import build_viewer
 from synthetic_run import LATENT3, make_run
 
 runner = CliRunner()

@@ -15,8 +15,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from hpcwalk.cli import app
-from hpcwalk.job import FrameRow, load_job, parse_job, plan, shard
-from hpcwalk.pacing import audio_gammas, decode_audio, onset_strength
+from hpcwalk.job.spec import FrameRow
+from hpcwalk.job.parse import load_job, parse_job
+from hpcwalk.job.plan import plan, shard
+from hpcwalk.job.pacing import audio_gammas, decode_audio, onset_strength
 from jobs import tiny_job_toml, walk, write_audio
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
@@ -103,7 +105,7 @@ def test_easing_keeps_every_kinds_ends_and_order(kind, easing, p):
     assert {(r.easing, r.easing_exponent) for r in rows} == {(easing, p)}
     assert all(r.position == (b.gamma if value == "gamma" else r.position) for r, b in zip(rows, base))
     if kind == "std":
-        from hpcwalk.pacing import ease
+        from hpcwalk.job.pacing import ease
 
         np.testing.assert_allclose([r.std for r in rows], 0.5 + ease(np.linspace(0, 1, 6), easing, p), rtol=0, atol=1e-15)
 
@@ -156,7 +158,7 @@ def test_audio_pacing_is_placed_when_the_job_is_read(tmp_path):
     assert [r.gamma for r in rows if r.segment == 0][0] == 0.0 and rows[10].gamma == 1.0 and rows[-1].gamma == 1.0
     steps = np.diff([r.gamma for r in rows[:11]])
     assert steps[2] > 3 * np.median(steps)  # the burst at 0.5 s (frame 2 -> 3) is the fastest step
-    from hpcwalk.runindex import _job_from_run  # readers rebuild the plan from run.json, without the audio
+    from hpcwalk.store.runindex import _job_from_run  # readers rebuild the plan from run.json, without the audio
     import dataclasses
     import json
 
@@ -256,7 +258,7 @@ def test_ddim_at_1000_steps_used_to_crash_the_renderer(tmp_path):
 
 
 def test_keyframe_walk_equals_latent_and_text_walks_segment_by_segment(tiny):
-    from hpcwalk.engine import Renderer
+    from hpcwalk.render.engine import Renderer
 
     kf = {"name": "kf", "kind": "keyframes", "methods": ["slerp"], "text_method": "slerp",
           "keyframes": [{"prompt": "a cat", "seed": 1, "frames": 4}, {"prompt": "a cat", "seed": 2, "frames": 5},

@@ -18,12 +18,14 @@ import torch
 from typer.testing import CliRunner
 
 from hpcwalk.cli import app
-from hpcwalk.engine import Renderer
-from hpcwalk.job import parse_job, plan, tomllib
-from hpcwalk.loaders import load_pretrained
-from hpcwalk.models import load_components
-from hpcwalk.store import committed_files
-from hpcwalk.weights import ModelLoadError, resolve
+from hpcwalk.render.engine import Renderer
+from hpcwalk.job.parse import parse_job
+from hpcwalk.job.plan import plan
+import tomllib
+from hpcwalk.sd.loaders import load_pretrained
+from hpcwalk.sd.models import load_components
+from hpcwalk.store.reader import committed_files
+from hpcwalk.sd.weights import ModelLoadError, resolve
 from jobs import cat_walk, max_abs_diff, tiny_job_toml
 from ldm_checkpoint import (COMPVIS_SCHEDULER, cheap_random, put_in_hub_cache, save_ldm, to_ldm, write_config_folder,
                             write_diffusers_folder)
@@ -157,7 +159,7 @@ def test_fp16_variant_folder(art, tiny):
 
 
 def test_compvis_layout_folder(art, tiny, caplog):
-    with caplog.at_level(logging.INFO, logger="hpcwalk.models"):
+    with caplog.at_level(logging.INFO, logger="hpcwalk.sd.models"):
         c = load_components(str(art["compvis"]), device="cpu")
     said = [r.getMessage() for r in caplog.records if "neither loaded nor run" in r.getMessage()]
     assert len(said) == 1 and "feature_extractor, safety_checker" in said[0]
@@ -359,7 +361,7 @@ def test_version():
 
 
 def test_model_config_and_variant_keys():
-    from hpcwalk.job import ClipSpec
+    from hpcwalk.job.spec import ClipSpec
 
     plain = _job()
     job = parse_job(tomllib.loads(JOB.replace('id = "tiny"', 'id = "/w/x.safetensors"\nconfig = "sd-v2-v"')))

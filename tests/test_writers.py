@@ -23,10 +23,11 @@ import pytest
 from typer.testing import CliRunner
 
 from hpcwalk.cli import app
-from hpcwalk.job import plan, shard
-from hpcwalk.report import FIGURES
-from hpcwalk.store import ShardStore, encode_image, frames_table, run_metadata
-from hpcwalk.study import parse_study
+from hpcwalk.job.plan import plan, shard
+from hpcwalk.see.report import FIGURES
+from hpcwalk.store.writer import ShardStore
+from hpcwalk.store.schema import encode_image, frames_table, run_metadata
+from hpcwalk.job.studyspec import parse_study
 from jobs import cat_walk, tiny_job_toml, tiny_study_toml
 from synthetic_run import LATENT3, frame_image, make_run
 
@@ -129,7 +130,7 @@ class SmallDisk:
             finally:
                 filler.unlink()
             return
-        from hpcwalk.models import clip_tokenizer_files
+        from hpcwalk.sd.loaders import clip_tokenizer_files
 
         clip_tokenizer_files()  # the tokenizer cache (written once per process) is not what is tested
         old = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -210,7 +211,7 @@ def test_full_disk_during_render_loses_no_committed_shard_and_the_rerun_complete
     assert _temps(out) == []
     res = runner.invoke(app, ["render", str(job), "--out", str(out), "--no-progress"])
     assert res.exit_code == 0, res.output
-    from hpcwalk.store import read_frames
+    from hpcwalk.store.reader import read_frames
 
     got, want = (read_frames(str(d)).sort_by("frame_id").replace_schema_metadata(None) for d in (out, ref))
     assert got.equals(want)
@@ -220,7 +221,7 @@ def test_the_kid_figure_draws_an_encoder_name_as_text():
     """The encoder's name (a folder path, here with unbalanced $...$) is data in the KID panel's title too."""
     import io
 
-    from hpcwalk.report import fig_yardsticks
+    from hpcwalk.see.report import fig_yardsticks
 
     iv = {"estimate": 0.1, "low": 0.0, "high": 0.2}
     fig = fig_yardsticks({"kid": {"encoder": {"label": f"/models/{MATH}", "bins": [[0.1, 0.4], [0.5, 0.9]],

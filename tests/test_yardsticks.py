@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from hpcwalk import metrics
-from hpcwalk.framestats import sharpness
-from hpcwalk.pixelsteps import LpipsLoadError, backbone_file, check_lpips, load_lpips, lpips_distance, ssim
+from hpcwalk.core import metrics
+from hpcwalk.render.framestats import sharpness
+from hpcwalk.analyse.pixelsteps import LpipsLoadError, backbone_file, check_lpips, load_lpips, lpips_distance, ssim
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -206,7 +206,7 @@ def _synthetic_study(pairs: int, shift: dict[str, float], seed: int = 0):
     (the study's methods are the keys of `shift`)."""
     import pyarrow as pa
 
-    from hpcwalk.study import parse_study
+    from hpcwalk.job.studyspec import parse_study
 
     data = tomllib.loads((ROOT / "examples" / "study.toml").read_text())
     data["study"].update(pairs=pairs, frames=7, bootstrap=1000, bins=3, methods=list(shift))
@@ -230,7 +230,7 @@ def _synthetic_study(pairs: int, shift: dict[str, float], seed: int = 0):
 
 
 def test_synthetic_study_kid_sees_a_known_shift_and_the_report_says_so():
-    from hpcwalk.study import summarize, walk_table
+    from hpcwalk.analyse.interpscore import summarize, walk_table
 
     st, frames = _synthetic_study(30, {"linear": 2.0, "normalized": 0.0, "slerp": 0.0})
     walks = walk_table(st, frames)
@@ -261,7 +261,7 @@ def test_synthetic_study_kid_sees_a_known_shift_and_the_report_says_so():
 def test_kid_differences_of_three_pairs_are_never_resolved():
     """3 pairs: all 8 sign flips of the per-pair KID shares are possible, so no p-value is below 2/8; the
     percentile bootstrap's p-value of 0 (its 10 distinct resamples on one side of 0) called this 'resolved'."""
-    from hpcwalk.study import summarize, walk_table
+    from hpcwalk.analyse.interpscore import summarize, walk_table
 
     st, frames = _synthetic_study(3, {"linear": 3.0, "normalized": 0.0, "slerp": 0.0})
     s = summarize(st, frames, walk_table(st, frames), {"clip_model": "m/openai", "encoder_model": "dino",
@@ -276,7 +276,7 @@ def test_kid_swap_terms_give_every_swapped_difference():
     where u = -1, for all 2^P swaps: the sign-flip test on v is the exact within-pair swap test."""
     import itertools
 
-    from hpcwalk import metrics
+    from hpcwalk.core import metrics
 
     rng = np.random.default_rng(0)
     P, F, D = 5, 3, 4
@@ -292,7 +292,7 @@ def test_kid_swap_terms_give_every_swapped_difference():
 def test_a_one_method_study_and_every_random_built_in_are_reported():
     """One method: nothing to compare, but the analysis runs (KID's comparison list is empty: it raised
     StopIteration); tiny-v and sd21-random are random-weight models like tiny and sd14-random."""
-    from hpcwalk.study import summarize, walk_table
+    from hpcwalk.analyse.interpscore import summarize, walk_table
 
     st, frames = _synthetic_study(5, {"slerp": 0.0})
     for model in ("tiny-v", "sd21-random"):

@@ -21,9 +21,8 @@ BENCHMARKS = ("latency", "throughput", "longrun")
 def run(which: str, argv: list[str], default_out: str | None = None) -> int:
     """Run one benchmark's `main(argv)`; a bad option or a choice this machine cannot run is one
     `error: ...` line on stderr and exit code 2 (argparse's own usage errors exit 2 as well)."""
-    from hpcwalk.compile import CompileError
-    from hpcwalk.job import JobError
-    from hpcwalk.models import ModelLoadError
+    from hpcwalk.core.errors import CompileError, JobError
+    from hpcwalk.sd.weights import ModelLoadError
 
     if which not in BENCHMARKS:
         print(f"error: unknown benchmark {which!r}: choose one of {', '.join(BENCHMARKS)}", file=sys.stderr)

@@ -77,7 +77,7 @@ def versions() -> dict[str, str]:
         out["triton"] = triton.__version__
     except ImportError:
         out["triton"] = "absent"
-    from hpcwalk.fp8 import torchao_version
+    from hpcwalk.sd.fp8 import torchao_version
 
     out["torchao"] = torchao_version() or "absent"
     return out

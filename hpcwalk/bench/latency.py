@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None, default_out: str = common.DEFAULT_
     p.add_argument("--attention", default="sdpa", help="comma list: sdpa,xformers,cudnn")
     p.add_argument("--compile", default="none", help="comma list: none,default,max-autotune,max-autotune-no-cudagraphs,reduce-overhead")
     p.add_argument("--levers", default="", help=f"comma list of [compile] options turned on for every row: {','.join(LEVERS)}")
-    p.add_argument("--inductor", default="default", help="[compile] inductor tunings for the compiled rows (see hpcwalk/compile.py)")
+    p.add_argument("--inductor", default="default", help="[compile] inductor tunings for the compiled rows (see hpcwalk/sd/compile.py)")
     p.add_argument("--quantize", default="none", help="[compile] quantize for every row: none | fp8 | fp8-rowwise (CUDA, torchao)")
     p.add_argument("--batches", default=None, help="comma list of frames per micro-batch (the UNet sees 2x with CFG; "
                    "default 1,4 on CUDA, 1 on the CPU)")
@@ -96,7 +96,7 @@ def measure(module: str, fn: Callable[[], Any], eager: Callable[[], Any], device
 
 def unet_rows(a: argparse.Namespace, c, mode: str, attention: str, dtype: str) -> list[dict[str, Any]]:
     """UNet per step (and VAE decode, when asked) under one compile config, every batch size."""
-    from hpcwalk.compile import CompileConfig, prepare
+    from hpcwalk.sd.compile import CompileConfig, prepare
 
     levers = {x: True for x in _list(a.levers)}
     inductor = a.inductor if mode != "none" else "default"
@@ -138,8 +138,8 @@ def unet_rows(a: argparse.Namespace, c, mode: str, attention: str, dtype: str) -
 
 def clip_rows(a: argparse.Namespace, device: torch.device, dtype: str) -> list[dict[str, Any]]:
     """CLIP image embedding of uint8 frames (device preprocessing included), random weights."""
-    from hpcwalk.clip import load_clip
-    from hpcwalk.models import DTYPES
+    from hpcwalk.render.clip import load_clip
+    from hpcwalk.sd.models import DTYPES
 
     name = a.clip_model or ("tiny-clip" if a.model == "tiny" else "ViT-L-14")
     scorer = load_clip(name, "none", device, DTYPES[dtype])
@@ -193,8 +193,9 @@ def kernel_rows(a: argparse.Namespace, device: torch.device) -> list[dict[str, A
 
 
 def main(argv: list[str] | None = None, default_out: str = common.DEFAULT_OUT) -> Path:
-    from hpcwalk.compile import CompileConfig, CompileError
-    from hpcwalk.models import load_components, resolve_device
+    from hpcwalk.core.errors import CompileError
+    from hpcwalk.sd.compile import CompileConfig
+    from hpcwalk.sd.models import load_components, resolve_device
 
     # 1. settings; every combination is checked before anything is timed
     a = parse_args(argv, default_out)

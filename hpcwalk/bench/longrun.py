@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None, default_out: str = common.DEFAULT_
 
 
 def main(argv: list[str] | None = None, default_out: str = common.DEFAULT_OUT) -> Path:
-    from hpcwalk.models import load_components, resolve_device
+    from hpcwalk.sd.models import load_components, resolve_device
 
     # 1. settings; the model loaded and the renderer warmed up once, at the walk's micro-batch
     a = parse_args(argv, default_out)

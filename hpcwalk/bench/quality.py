@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcwalk.framestats import LUMA  # noqa: F401  (BT.709 on 0..255, as skimage.color.rgb2gray)
-from hpcwalk.metrics import psnr
+from hpcwalk.core.metrics import psnr
 
 
 def sharpness(frames: np.ndarray) -> np.ndarray:
-    """The render's per-frame sharpness (hpcwalk.framestats.sharpness) of a uint8 stack (N, H, W, 3) -> (N,)."""
+    """The render's per-frame sharpness (hpcwalk.render.framestats.sharpness) of a uint8 stack (N, H, W, 3) -> (N,)."""
     import torch
 
-    from hpcwalk.framestats import sharpness as on_device
+    from hpcwalk.render.framestats import sharpness as on_device
 
     return on_device(torch.from_numpy(np.ascontiguousarray(frames))).double().numpy()
 

@@ -19,8 +19,8 @@ def run_sdv(a: Any, components, workdir: Path) -> dict[str, Any]:
     """Save the model to a folder, run sdv_walk.py in the sdv venv (`a.sdv_python`), read its JSON."""
     from diffusers import StableDiffusionPipeline
 
-    from hpcwalk.engine import make_scheduler
-    from hpcwalk.models import clip_tokenizer_files
+    from hpcwalk.render.engine import make_scheduler
+    from hpcwalk.sd.loaders import clip_tokenizer_files
 
     if not Path(a.sdv_python).is_file():
         raise SystemExit(f"--peer sdv: {a.sdv_python} not found: run bash benchmarks/peers/setup_sdv.sh from a source "

@@ -29,7 +29,7 @@ RECIPE_INDUCTOR = "conv1x1-mm+coordinate-descent+no-epilogue-fusion"
 def walk_job(model: str, steps: int, guidance: float, height: int, width: int, frames: int, batch: int,
              dtype: str, device: str, compile: dict[str, Any]):
     """The fixed walk as an hpcwalk job: slerp between two seeds under one prompt, `compile` as its [compile]."""
-    from hpcwalk.job import parse_job
+    from hpcwalk.job.parse import parse_job
 
     return parse_job({
         "model": {"id": model},
@@ -45,9 +45,9 @@ def walk_job(model: str, steps: int, guidance: float, height: int, width: int, f
 
 def add_compile_options(p: argparse.ArgumentParser) -> None:
     """hpcwalk's [compile] options as flags (throughput and longrun share them)."""
-    from hpcwalk.compile import COMPILE_MODES
+    from hpcwalk.sd.compile import COMPILE_MODES
 
-    g = p.add_argument_group("hpcwalk's [compile] options (hpcwalk/compile.py)")
+    g = p.add_argument_group("hpcwalk's [compile] options (hpcwalk/sd/compile.py)")
     g.add_argument("--compile", default="none", help=f"mode: {' | '.join(COMPILE_MODES)}")
     g.add_argument("--scope", default="unet+vae", help="unet | unet+vae | unet+vae+clip")
     g.add_argument("--inductor", default="default", help="default, or '+'-joined: conv1x1-mm, coordinate-descent, no-epilogue-fusion")
@@ -77,8 +77,8 @@ class Hpcwalk:
     """hpcwalk's Renderer on the walk (frames in host memory)."""
 
     def __init__(self, job, components):
-        from hpcwalk.engine import Renderer
-        from hpcwalk.job import plan
+        from hpcwalk.job.plan import plan
+        from hpcwalk.render.engine import Renderer
 
         self.job, self.rows = job, plan(job)
         self.renderer = Renderer(components, job.sampling, job.render.batch_size, compile=job.compile)
@@ -102,9 +102,11 @@ class HpcwalkParquet:
         """Nothing: the renderer is the one `Hpcwalk` warmed up."""
 
     def run(self) -> np.ndarray:
-        from hpcwalk.executors import EncodePool, LocalExecutor
-        from hpcwalk.job import shard
-        from hpcwalk.store import ShardStore, run_metadata
+        from hpcwalk.job.plan import shard
+        from hpcwalk.run.base import EncodePool
+        from hpcwalk.run.local import LocalExecutor
+        from hpcwalk.store.schema import run_metadata
+        from hpcwalk.store.writer import ShardStore
 
         b = self.job.render.batch_size  # default: shards of whole micro-batches, at least two when the walk allows
         size = self.shard_size or b * max(1, len(self.rows) // (2 * b))
@@ -129,7 +131,7 @@ class Diffusers:
     def __init__(self, job, components, latents: torch.Tensor):
         from diffusers import StableDiffusionPipeline
 
-        from hpcwalk.engine import make_scheduler
+        from hpcwalk.render.engine import make_scheduler
 
         c = components
         self.pipe = StableDiffusionPipeline(
@@ -163,7 +165,7 @@ class DiffusersRecipe(Diffusers):
     epilogue_fusion off), passed to these compiles rather than set for the whole process."""
 
     def __init__(self, job, components, latents: torch.Tensor, mode: str):
-        from hpcwalk.compile import CompileConfig
+        from hpcwalk.sd.compile import CompileConfig
 
         super().__init__(job, components, latents)
         pipe = self.pipe

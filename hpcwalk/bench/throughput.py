@@ -31,9 +31,19 @@ import numpy as np
 import torch
 
 from hpcwalk.bench import common
-from hpcwalk.bench.systems import (PROMPT, SEEDS, Diffusers, DiffusersRecipe, Hpcwalk, HpcwalkParquet, add_compile_options,
-                                   compile_table, copy_components, walk_job)
-from hpcwalk.compile import COMPILE_MODES, QUANTIZE
+from hpcwalk.bench.systems import (
+    PROMPT,
+    SEEDS,
+    Diffusers,
+    DiffusersRecipe,
+    Hpcwalk,
+    HpcwalkParquet,
+    add_compile_options,
+    compile_table,
+    copy_components,
+    walk_job,
+)
+from hpcwalk.sd.compile import COMPILE_MODES, QUANTIZE
 
 
 def parse_args(argv: list[str] | None = None, default_out: str = common.DEFAULT_OUT) -> argparse.Namespace:
@@ -141,9 +151,9 @@ def quality_rows(frames: dict[str, np.ndarray], scorer) -> dict[str, dict[str, A
 
 
 def main(argv: list[str] | None = None, default_out: str = common.DEFAULT_OUT) -> Path:
-    from hpcwalk.compile import CompileConfig, CompileError
-    from hpcwalk.job import JobError
-    from hpcwalk.models import load_components
+    from hpcwalk.core.errors import CompileError, JobError
+    from hpcwalk.sd.compile import CompileConfig
+    from hpcwalk.sd.models import load_components
 
     # 1. settings, checked before loading; one copy of the model per system that changes modules in place
     a = parse_args(argv, default_out)
@@ -182,7 +192,7 @@ def main(argv: list[str] | None = None, default_out: str = common.DEFAULT_OUT) -
     if a.quantize != "none":
         name = f"hpcwalk[{a.quantize}]"
         try:
-            from hpcwalk.fp8 import check_fp8
+            from hpcwalk.sd.fp8 import check_fp8
 
             check_fp8(a.quantize, device)  # the device and the library first: the reason a user can act on
             systems[name] = Hpcwalk(job_for(a, compile_table(a, quantize=a.quantize)), copy_components(theirs_c))
@@ -235,7 +245,7 @@ def main(argv: list[str] | None = None, default_out: str = common.DEFAULT_OUT) -
                            for n, f in figures.items() if n != base})
     quality: dict[str, Any] = {}
     if not a.no_quality and len([n for n in frames if frames[n].shape == frames["hpcwalk"].shape]) > 1:
-        from hpcwalk.clip import load_clip
+        from hpcwalk.render.clip import load_clip
 
         scorer = load_clip(a.clip_model or ("tiny-clip" if a.model == "tiny" else "ViT-L-14"), "none", device, ours_c.dtype)
         quality = quality_rows(frames, scorer)

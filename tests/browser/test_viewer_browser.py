@@ -70,7 +70,7 @@ def test_slider_keys_and_strip_change_frame_and_provenance(browser, tmp_path):
     assert src_a.endswith("/00000.png") and "seeds/slerp/00000" in prov_a and "gamma 0.000" in prov_a
     assert "seeds 1 → 2" in prov_a and "clip_score (vs prompt)" in prov_a
     assert "shard-00001" in page.inner_text("#gaps")
-    from hpcwalk.colors import METHOD_COLORS  # one colour table, passed to the page in data.js
+    from hpcwalk.see.colors import METHOD_COLORS  # one colour table, passed to the page in data.js
 
     strokes = {m: page.get_attribute(f"#walk-0 .chart path[data-method='{m}']", "stroke") for m in METHOD_COLORS}
     assert strokes == METHOD_COLORS

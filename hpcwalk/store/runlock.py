@@ -1,0 +1,298 @@
+"""One driver per run folder: a lock file `RUN/.hpcwalk.lock` naming the host, pid and start time.
+
+    with RunLock(out).hold():        # raises RunLocked when another live driver holds it
+        ...render...
+
+On a local or shared filesystem the lock's content is written to a file beside it and hard-linked into
+place (link fails when the name exists), so of two drivers starting at once exactly one gets it, and a
+driver killed at any moment leaves either a whole lock or none (filesystems without hard links: an
+O_CREAT | O_EXCL create, then the write). The holder refreshes the file's mtime every `HEARTBEAT_S` seconds. A lock
+is stale, and is taken over with a `RunWarning` saying whose it was, when
+  - it names this host and its pid is no longer running (or the pid now belongs to another process:
+    the process start time recorded beside the pid differs), or
+  - it names another host and its heartbeat is older than `STALE_AFTER_S` (10 minutes): that
+    driver died without removing it, or cannot reach the folder any more.
+A takeover renames the stale file away first (one rename wins), so two drivers cannot both take it.
+
+Object stores (s3://, gs://) have no exclusive create: there the lock is advisory (checked, then
+written; two drivers started within the same second can both pass). What still holds there: one file
+name per shard, whole-object writes and markers checked against their checksum, so a shard written
+twice is still whole and counted once, and a marker that does not match its file is re-rendered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import platform
+import sys
+import threading
+import time
+import uuid
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import pyarrow.fs as pafs
+
+from hpcwalk.core.errors import StoreError
+from hpcwalk.core.fsio import filesystem
+from hpcwalk.store.verify import LOCK_NAME, RunWarning, parse_json_object
+
+HEARTBEAT_S = 60.0
+STALE_AFTER_S = 600.0
+NEW_SUFFIX = ".new-"  # RUN/.hpcwalk.lock.new-XXXXXXXX: a lock's content before it is linked into place
+UNREADABLE_GRACE_S = 10.0  # an empty or unreadable lock younger than this is taken as being written
+
+
+class RunLocked(StoreError):
+    """Another live driver holds the run folder's lock; the message names it."""
+
+
+class RunLock:
+    """The lock of one run folder (local path or pyarrow.fs URI)."""
+
+    def __init__(self, uri: str, stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S):
+        self.uri = uri
+        self.fs, self.root = filesystem(uri)
+        self.path = f"{self.root}/{LOCK_NAME}"
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.stale_after_s, self.heartbeat_s = stale_after_s, heartbeat_s
+        self.held = False
+        self.info: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    # -- the life cycle ------------------------------------------------------------------------
+
+    def folder_exists(self) -> bool:
+        return self.fs.get_file_info(self.root).type == pafs.FileType.Directory
+
+    def acquire(self, create: bool = False) -> None:
+        """Take the lock (creating the folder when `create`); RunLocked when a live driver holds it."""
+        if self.held:
+            return
+        if create:
+            self.fs.create_dir(self.root, recursive=True)
+        self.info = _my_info()
+        for _ in range(5):  # each pass either creates the lock, refuses, or removes a stale one and retries
+            if self._create():
+                self.held = True
+                self._sweep()
+                self._start_heartbeat()
+                return
+            holder, age = self.read()
+            why = self.stale_reason(holder, age)
+            if why is None:
+                raise RunLocked(f"{self.uri!r} is being rendered by {describe(holder)} (lock {self.path}): "
+                                "refusing to start a second driver; wait for it to finish (a rerun then renders only "
+                                "what is left), or stop it first")
+            if self._remove_stale(holder):
+                warnings.warn(RunWarning(f"took over the lock of {self.uri!r} from {describe(holder)}: {why}"),
+                              stacklevel=2)
+        raise RunLocked(f"could not take the lock {self.path}: other drivers keep taking it; try again")
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock if it is still ours."""
+        if not self.held:
+            return
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(5)
+        self.held = False
+        holder, _ = self.read()
+        if holder is not None and _same(holder, self.info):
+            try:
+                self.fs.delete_file(self.path)
+            except FileNotFoundError:
+                pass
+
+    @contextmanager
+    def hold(self, create: bool = False) -> Iterator["RunLock"]:
+        self.acquire(create)
+        try:
+            yield self
+        finally:
+            self.release()
+
+    # -- reading and judging a lock ----------------------------------------------------------------
+
+    def read(self) -> tuple[dict[str, Any] | None, float | None]:
+        """(holder info or None when unreadable, seconds since its last heartbeat); (None, None) when absent."""
+        info = self.fs.get_file_info(self.path)
+        if info.type != pafs.FileType.File:
+            return None, None
+        age = max(0.0, time.time() - info.mtime.timestamp()) if info.mtime else 0.0
+        try:
+            with self.fs.open_input_stream(self.path) as f:
+                return parse_json_object(f.read())[0], age  # not a JSON object: unreadable
+        except OSError:
+            return None, age
+
+    def live_holder(self) -> dict[str, Any] | None:
+        """The holder when a live driver holds the lock (not us), else None. Writes nothing."""
+        holder, age = self.read()
+        if age is None or self.held or self.stale_reason(holder, age) is not None:
+            return None
+        return holder or {}
+
+    def stale_reason(self, holder: dict[str, Any] | None, age: float | None) -> str | None:
+        """Why this lock is stale, or None when its driver may still be alive."""
+        if age is None:
+            return "it is gone"
+        if holder is None:
+            return f"the lock file is unreadable and {age:.0f} s old" if age > UNREADABLE_GRACE_S else None
+        if holder.get("host") == platform.node():
+            pid = int(holder.get("pid", -1))
+            if not _pid_alive(pid):
+                return f"pid {pid} is no longer running on this host"
+            start = _pid_start(pid)
+            if holder.get("pid_start") is not None and start is not None and start != holder["pid_start"]:
+                return f"pid {pid} now belongs to another process"
+            return None
+        if age > self.stale_after_s:
+            return f"no heartbeat from {holder.get('host')} for {age:.0f} s (stale after {self.stale_after_s:.0f} s)"
+        return None
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _create(self) -> bool:
+        data = json.dumps(self.info).encode()
+        if self.local:  # written beside, then hard-linked into place: the lock appears whole or not at all
+            new = f"{self.path}{NEW_SUFFIX}{uuid.uuid4().hex[:8]}"
+            fd = os.open(new, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            try:
+                try:
+                    os.write(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.link(new, self.path)
+            except (FileExistsError, FileNotFoundError):  # another driver holds it (or swept our file): lost
+                return False
+            except OSError as e:  # a filesystem without hard links: create it in place
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                    raise
+                return self._create_in_place(data)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(new)
+            return True
+        if self.fs.get_file_info(self.path).type == pafs.FileType.File:  # object store: advisory
+            return False
+        with self.fs.open_output_stream(self.path) as f:
+            f.write(data)
+        return True
+
+    def _create_in_place(self, data: bytes) -> bool:
+        """O_EXCL create, then write: a driver killed in between leaves an empty lock (refused for
+        UNREADABLE_GRACE_S, then taken over)."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def _sweep(self) -> None:
+        """Remove the lock-content files that drivers killed before linking them left (we hold the lock: a
+        driver writing one now finds it gone and stops, as it would on finding our lock)."""
+        if not self.local:
+            return
+        prefix = os.path.basename(self.path) + NEW_SUFFIX
+        for name in os.listdir(self.root):
+            if name.startswith(prefix):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.root, name))
+
+    def _remove_stale(self, holder: dict[str, Any] | None) -> bool:
+        """Move the stale lock away; True when it was the one judged (not a fresh lock taken meanwhile)."""
+        if not self.local:
+            self.fs.delete_file(self.path)
+            return True
+        grave = f"{self.path}.stale-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(self.path, grave)
+        except FileNotFoundError:  # another driver removed it first; try to create ours
+            return False
+        try:
+            with open(grave, "rb") as f:
+                moved = parse_json_object(f.read())[0]
+        except OSError:
+            moved = None
+        if holder is not None and (moved is None or not _same(moved, holder)):
+            try:  # we moved a live driver's fresh lock: give it back, unless yet another appeared
+                os.link(grave, self.path)
+            except FileExistsError:
+                pass
+            os.unlink(grave)
+            return False
+        os.unlink(grave)
+        return True
+
+    def _start_heartbeat(self) -> None:
+        self._stop.clear()
+        self._beat = threading.Thread(target=self._heartbeat, name="hpcwalk-lock-heartbeat", daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                if self.local:
+                    os.utime(self.path)
+                else:
+                    with self.fs.open_output_stream(self.path) as f:
+                        f.write(json.dumps(self.info).encode())
+            except OSError:  # the folder went away or is unreachable for a moment: the next beat retries
+                pass
+
+
+def describe(holder: dict[str, Any] | None) -> str:
+    if not holder:
+        return "another driver (its lock file is being written)"
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started_at", 0))))
+    return f"pid {holder.get('pid')} on {holder.get('host')} (started {started})"
+
+
+def _my_info() -> dict[str, Any]:
+    pid = os.getpid()
+    return {"host": platform.node(), "pid": pid, "pid_start": _pid_start(pid), "started_at": time.time(),
+            "token": uuid.uuid4().hex, "command": " ".join(sys.argv)[:300]}
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.get("token") == b.get("token") and a.get("pid") == b.get("pid")
+
+
+def _pid_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, killed and not yet reaped, counts as dead)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return _proc_stat(pid)[:1] != ["Z"]
+
+
+def _proc_stat(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name: state first (Linux); [] elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().decode(errors="replace").rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _pid_start(pid: int) -> int | None:
+    """The process start time in clock ticks since boot (Linux /proc), to tell a reused pid; None elsewhere."""
+    fields = _proc_stat(pid)
+    return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None  # field 22 of stat

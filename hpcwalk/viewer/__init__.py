@@ -1,5 +1,0 @@
-"""The static HTML viewer of a run (`hpcwalk view`): see hpcwalk/viewer/build.py."""
-
-from hpcwalk.viewer.build import ViewerError, ViewerResult, build_viewer, check_out, default_out
-
-__all__ = ["ViewerError", "ViewerResult", "build_viewer", "check_out", "default_out"]
