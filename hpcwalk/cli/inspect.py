@@ -24,7 +24,8 @@ def models(
     Nothing is downloaded: what is listed as loading is what `hpcwalk render --model NAME` can use here."""
     import json
 
-    from hpcwalk.sd.weights import BUILTIN_MODELS, hub_cache_dir, open_clip_tags, scan
+    from hpcwalk.sd.catalog import open_clip_tags, scan
+    from hpcwalk.sd.weights import BUILTIN_MODELS, hub_cache_dir
 
     # 1. find: the hub cache, then the folders given
     found = scan(tuple(folders or ()), open_clip_tags if clip_tags else None)
