@@ -117,6 +117,20 @@ def fail_io(e: OSError, what: str = "") -> None:
     raise typer.Exit(1)
 
 
+@contextmanager
+def refused(io: Optional[str] = None) -> Iterator[None]:
+    """The one error handler of every command: inside, any HpcwalkError is one `error:` line and exit 2;
+    with `io` (what is being written, "" for unnamed), an OSError is one `cannot write` line and exit 1."""
+    try:
+        yield
+    except HpcwalkError as e:
+        fail(str(e))
+    except OSError as e:
+        if io is None:
+            raise
+        fail_io(e, io)
+
+
 # Executor flags, shared by every command that renders: declare them with these aliases
 # (`ray: RayOption = None, workers: WorkersOption = None, gpus_per_worker: GpusPerWorkerOption = None,
 # retries: RetriesOption = 2, shard_timeout: ShardTimeoutOption = None`) and turn them into checked ExecutorOptions with `executor_options`.

@@ -6,8 +6,7 @@ from typing import Optional
 
 import typer
 
-from hpcwalk.cli.common import VerifyOption, app, fail, fail_io, level_of
-from hpcwalk.core.errors import HpcwalkError
+from hpcwalk.cli.common import VerifyOption, app, fail_io, level_of, refused
 from hpcwalk.store.verify import DEFAULT_LEVEL
 
 
@@ -68,7 +67,7 @@ def verify_cmd(
     level = level_of(verify)
     lock = RunLock(run_dir)
     damaged_run = None
-    try:
+    with refused():
         try:
             read_run(run_dir)
         except DamagedRunJson as e:
@@ -77,8 +76,6 @@ def verify_cmd(
             damaged_run = f"run.json: damaged or not hpcwalk's ({e.why})"
         if repair:
             lock.acquire()
-    except HpcwalkError as e:
-        fail(str(e))
     try:
         # 2. every shard against its marker
         shards = verify_run(run_dir, level)

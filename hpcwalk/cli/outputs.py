@@ -7,8 +7,7 @@ from typing import Optional
 
 import typer
 
-from hpcwalk.cli.common import ProgressOption, VerifyOption, app, fail, fail_io, level_of
-from hpcwalk.core.errors import HpcwalkError
+from hpcwalk.cli.common import ProgressOption, VerifyOption, app, fail, level_of, refused
 from hpcwalk.job.spec import DTYPES
 from hpcwalk.store.verify import DEFAULT_LEVEL
 
@@ -41,7 +40,7 @@ def video(
     opts = VideoOptions(format=fmt, fps=30.0 if fps is None else fps, crf=crf, labels=labels, audio=audio,
                         audio_start=audio_start or 0.0)
     level = level_of(verify)
-    try:
+    with refused("the video"):
         check_options(opts)
         index = open_run(run_dir, level)
         walks = [walk] if walk else index.walks()
@@ -67,10 +66,6 @@ def video(
             written += 1
         if not written:
             fail(f"no walk of {run_dir!r} has committed frames" + (f" for method {', '.join(method)}" if method else ""))
-    except HpcwalkError as e:
-        fail(str(e))
-    except OSError as e:
-        fail_io(e, "the video")
 
 
 @app.command()
@@ -88,17 +83,13 @@ def view(
     from hpcwalk.store.runindex import open_run
 
     level = level_of(verify)
-    try:
+    with refused("the viewer"):
         index = open_run(run_dir, level)
         check_out(out or default_out(index))
         for line in index.missing_report():
             typer.echo(f"warning: {line}", err=True)
         with tqdm(total=index.table.num_rows, unit="frame", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
             typer.echo(build_viewer(index, out, thumb_size=thumb_size, progress=bar.update).describe())
-    except HpcwalkError as e:
-        fail(str(e))
-    except OSError as e:
-        fail_io(e, "the viewer")
 
 
 @app.command()
@@ -127,25 +118,18 @@ def score(
     if clip_model is None:
         if pretrained is not None:
             fail("--pretrained needs --clip-model (without both, the run's own CLIP model is used)")
-        try:
+        with refused():
             clip_model, pretrained = run_clip_model(run_dir)
-        except HpcwalkError as e:
-            fail(str(e))
-    try:
+    with refused():
         out, dev, dt, pretrained = check_score(run_dir, clip_model, pretrained, device, dtype, batch_size, overwrite,
                                                prompt)
-    except HpcwalkError as e:
-        fail(str(e))
     typer.echo(f"hpcwalk score: {run_dir} with {clip_model}/{pretrained} on {dev} -> {out}", err=True)
     # 2. score the shards not scored yet
     bar = tqdm(unit="frame", disable=not progress, dynamic_ncols=True, file=sys.stderr)
-    try:
-        summary = score_run(run_dir, clip_model, pretrained, dev, dt, batch_size, overwrite, progress=bar.update,
-                            prompt=prompt, verify=level)
-    except HpcwalkError as e:
-        fail(str(e))
-    except OSError as e:
-        fail_io(e, "the scores")
-    finally:
-        bar.close()
+    with refused("the scores"):
+        try:
+            summary = score_run(run_dir, clip_model, pretrained, dev, dt, batch_size, overwrite, progress=bar.update,
+                                prompt=prompt, verify=level)
+        finally:
+            bar.close()
     typer.echo(summary.describe())

@@ -7,8 +7,7 @@ from typing import Optional
 
 import typer
 
-from hpcwalk.cli.common import JobOverrides, RunFlags, app, fail, fail_io, shared_options
-from hpcwalk.core.errors import HpcwalkError
+from hpcwalk.cli.common import JobOverrides, RunFlags, app, fail, refused, shared_options
 from hpcwalk.store.verify import DEFAULT_LEVEL
 
 
@@ -36,13 +35,9 @@ def render(
     from hpcwalk.store.reader import verify_run
 
     # 1. validate everything before any work, then plan
-    try:
+    with refused(""):
         job = overrides.apply(load_job(job_file), shard_size=shard_size)
         prepared = prepare_render(job, out, overwrite, run.executor)
-    except HpcwalkError as e:
-        fail(str(e))
-    except OSError as e:  # a cache this process writes (the tokenizer's), on a full disk
-        fail_io(e)
     job = prepared.job
     for note in prepared.notes:
         typer.echo(f"note: {note}", err=True)
@@ -64,11 +59,9 @@ def run_job(job, out: str, shards, overwrite: bool = False, progress: bool = Tru
     """Render what is not committed yet (executors.run_render, local or on Ray), print the summary, exit 1 on failures."""
     from hpcwalk.run.local import run_render
 
-    try:
+    with refused():
         summary = run_render(job, out, shards, overwrite=overwrite, progress=progress, executor=executor,
                              verify=verify)
-    except HpcwalkError as e:
-        fail(str(e))
     typer.echo(summary.describe())
     if summary.failed:
         for r in summary.failed:
@@ -102,28 +95,20 @@ def study(
     # 1. validate everything before any work
     if "://" in out:
         fail(f"--out {out!r}: a study writes its report to a local folder; pass a local path")
-    try:
+    with refused(""):
         st = load_study(study_file)
         st = dataclasses.replace(st, job=overrides.apply(st.job))
         prepared = prepare_render(st.job, out, overwrite, run.executor)  # with --ray, device checks run on the workers
         st, mode = dataclasses.replace(st, job=prepared.job), prepared.mode
         check_yardsticks(st)  # LPIPS weights (the analysis runs here), frame size for SSIM
-    except HpcwalkError as e:
-        fail(str(e))
-    except OSError as e:
-        fail_io(e)
     s = st.spec
     typer.echo(f"hpcwalk study: {s.pairs} seed pairs x {len(s.prompts)} prompt(s) x {len(s.methods)} methods x "
                f"{s.frames} frames, model {st.job.model.id}, CLIP "
                f"{', '.join(f'{m}/{p}' for _, m, p in st.job.clip.models(st.job.model.id))} ({mode} run in {out})", err=True)
     # 2. render + score what is missing, then analyse
-    try:
+    with refused("the study's outputs"):
         result = run_study(st, out, overwrite=overwrite, progress=run.progress, executor=run.executor,
                            verify=run.verify, shards=prepared.shards)
-    except HpcwalkError as e:
-        fail(str(e))
-    except OSError as e:
-        fail_io(e, "the study's outputs")
     typer.echo(result.render.describe())
     if result.status == "failed":
         for r in result.render.failed:
