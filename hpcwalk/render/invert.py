@@ -53,7 +53,9 @@ def encode_latent(c: SDComponents, images: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
     x = (x.to(c.device, torch.float32) / 127.5 - 1.0).to(c.dtype)
     z = c.vae.encode(x).latent_dist.mean * c.vae.config.scaling_factor
-    return z.float()  # (B, 4, h, w)
+    # contiguous: the CPU convolutions may hand back a channels_last tensor, and a later op on it picks
+    # other kernels (other last bits) than the same op on the contiguous latents the renderer uses
+    return z.float().contiguous()  # (B, 4, h, w)
 
 
 def inverse_scheduler(config: dict):
@@ -97,7 +99,7 @@ def ddim_invert(renderer: Renderer, z0: torch.Tensor, cond: torch.Tensor, steps:
         for _ in range(refine):  # fixed point of x_next = step(eps(x_next, t), x): the sampler's exact inverse
             x_next = sched.step(renderer.eps(x_next, t, emb, guidance), t, x, return_dict=False)[0]
         x = x_next
-    return x.float()  # (B, 4, h, w)
+    return x.float().contiguous()  # (B, 4, h, w); contiguous like every latent the renderer makes
 
 
 def max_steps(config: dict) -> int:
