@@ -192,7 +192,9 @@ class Renderer:
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(0)  # skips the timestep lookup (a host sync) on the first step
         emb = self._guidance_embeddings(cond, s.guidance > 1.0)
-        x = latents.to(self.dtype) * sched.init_noise_sigma
+        # contiguous whatever the caller's layout: a channels_last z_T gives other last bits than the same
+        # values contiguous (different conv algorithms), so the walk's frames and a reconstruction would differ
+        x = latents.to(self.dtype).contiguous() * sched.init_noise_sigma
         for t in sched.timesteps:
             x = sched.step(self.eps(sched.scale_model_input(x, t), t, emb), t, x, return_dict=False)[0]
         return x  # (N, 4, h, w)
@@ -243,7 +245,7 @@ class Renderer:
         s = self.sampling
         cfg = s.guidance > 1.0
         emb = self._guidance_embeddings(cond, cfg)
-        x = latents.float() * init_sigma  # the sample stays float32 between steps
+        x = latents.float().contiguous() * init_sigma  # the sample stays float32 between steps; contiguous as in denoise
         x0 = torch.zeros_like(x)  # previous data prediction (unused by the first, first-order step)
         for i, t in enumerate(timesteps):
             xin = x.to(self.dtype)
@@ -268,7 +270,7 @@ class Renderer:
         """
         vae = self.c.vae
         self.speed.mark_step()
-        img = self.speed.vae_decode(latents.to(self.dtype) / vae.config.scaling_factor)  # (N, 3, H, W)
+        img = self.speed.vae_decode(latents.to(self.dtype).contiguous() / vae.config.scaling_factor)  # (N, 3, H, W); layout as in denoise
         bad = torch.zeros(img.shape[0], dtype=torch.bool, device=img.device)
         if self.dtype != torch.float32:
             bad = ~torch.isfinite(img).flatten(1).all(dim=1)

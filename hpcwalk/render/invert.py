@@ -50,11 +50,11 @@ def encode_latent(c: SDComponents, images: np.ndarray) -> torch.Tensor:
     The posterior's mean, not a sample, so the same image always gives the same z_0 (diffusers'
     pipelines sample it with a generator). x is what diffusers' VaeImageProcessor makes of it.
     """
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
-    x = (x.to(c.device, torch.float32) / 127.5 - 1.0).to(c.dtype)
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8, an NHWC view
+    # contiguous (NCHW), as every latent the renderer makes: a channels_last input gives a channels_last z_0,
+    # and a channels_last z_T then denoises to other last bits than the contiguous one the walk renders from
+    x = (x.to(c.device, torch.float32) / 127.5 - 1.0).to(c.dtype).contiguous()
     z = c.vae.encode(x).latent_dist.mean * c.vae.config.scaling_factor
-    # contiguous: the CPU convolutions may hand back a channels_last tensor, and a later op on it picks
-    # other kernels (other last bits) than the same op on the contiguous latents the renderer uses
     return z.float().contiguous()  # (B, 4, h, w)
 
 
@@ -93,13 +93,13 @@ def ddim_invert(renderer: Renderer, z0: torch.Tensor, cond: torch.Tensor, steps:
     emb = cond.to(c.device, c.dtype)  # (B, 77, D)
     if cfg:
         emb = torch.cat([uncond.to(c.device, c.dtype).expand_as(emb), emb])  # (2B, 77, D)
-    x = z0.to(c.device, c.dtype)  # (B, 4, h, w); DDIM's scale_model_input is the identity
+    x = z0.to(c.device, c.dtype).contiguous()  # (B, 4, h, w); DDIM's scale_model_input is the identity
     for t in sched.timesteps:
         x_next = sched.step(renderer.eps(x, t, emb, guidance), t, x, return_dict=False)[0]
         for _ in range(refine):  # fixed point of x_next = step(eps(x_next, t), x): the sampler's exact inverse
             x_next = sched.step(renderer.eps(x_next, t, emb, guidance), t, x, return_dict=False)[0]
         x = x_next
-    return x.float().contiguous()  # (B, 4, h, w); contiguous like every latent the renderer makes
+    return x.float().contiguous()  # (B, 4, h, w), contiguous: the layout the walk's latents have
 
 
 def max_steps(config: dict) -> int:
