@@ -62,6 +62,12 @@ MAX_SEGMENT_FRAMES = 100_000  # frames of one keyframe segment (hpcwalk.job.plan
 MAX_INVERT_REFINE = 20  # fixed-point iterations per inversion step (hpcwalk.render.invert.MAX_REFINE)
 EXPONENT_RANGE = (1 / 16, 16.0)  # easing_exponent (hpcwalk.job.pacing.EXPONENT_RANGE)
 MAX_AUDIO_FPS = 240.0  # audio_fps (hpcwalk.job.pacing.MAX_FPS)
+# A job or study file's shape, scanned before tomllib reads it (hpcwalk.job.parse.scan_toml): tomllib's
+# work on a dotted key is quadratic in its parts (24 KB of `a.a.a...` took 1.4 GB, 100 KB 14.5 GB)
+MAX_TOML_KEY_PARTS = 32  # parts of one dotted key (`a.b.c = 1`, `[a.b.c]`); jobs use 1 or 2
+MAX_TOML_DEPTH = 32  # arrays and inline tables nested in one another, and a table header's parts plus its keys'
+MAX_TOML_LINE_CHARS = 200_000  # characters in one line (a 10,000-character prompt fits 20 times)
+MAX_TOML_TABLES = 100_000  # [table] and [[array]] headers in one file
 
 
 def bounded(where: str, value: Any, low: float | None = None, high: float | None = None, why: str = "") -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 try:
     import tomllib
@@ -21,6 +22,10 @@ from hpcwalk.job.bounds import (
     MAX_SIDE,
     MAX_STD,
     MAX_STEPS,
+    MAX_TOML_DEPTH,
+    MAX_TOML_KEY_PARTS,
+    MAX_TOML_LINE_CHARS,
+    MAX_TOML_TABLES,
     _choice_msg,
     bounded,
     check_model,
@@ -104,12 +109,55 @@ def read_toml(path: str | Path, what: str, example: str) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise JobError(f"{what} file {str(path)!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): "
                        "save it as UTF-8") from None
+    scan_toml(text, f"{what} file {str(path)!r}")
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise JobError(f"{path}: malformed TOML: {str(e).splitlines()[0]}") from None
     except RecursionError:
         raise JobError(f"{path}: malformed TOML: arrays or tables nested too deeply") from None
+
+
+# strings and comments (what the shape scan skips): multi-line basic and literal first, then one-line ones
+_TOML_SKIP = re.compile(r'"""(?:[^\\]|\\.)*?"""(?!")|\'\'\'[\s\S]*?\'\'\'(?!\')|"(?:[^"\\\n]|\\.)*"|\'[^\'\n]*\'|#[^\n]*')
+_TOML_DOTTED = re.compile(r"(?<![A-Za-z0-9_\-])[A-Za-z0-9_\-]+(?:[ \t]*\.[ \t]*[A-Za-z0-9_\-]+)+")
+_TOML_HEADER = re.compile(r"^[ \t]*\[", re.MULTILINE)
+_TOML_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def scan_toml(text: str, where: str) -> None:
+    """A cheap linear scan of a TOML text's shape before tomllib reads it: line length, dotted-key parts,
+    nesting and table count against the MAX_TOML_* bounds (tomllib's work on a long dotted key is
+    quadratic: 100 KB of `a.a.a...` takes 14.5 GB). JobError names the limit and the line."""
+    for n, line in enumerate(text.split("\n"), 1):
+        if len(line) > MAX_TOML_LINE_CHARS:
+            raise JobError(f"{where} line {n} has {len(line):,} characters: at most {MAX_TOML_LINE_CHARS:,} per line "
+                           "(break long arrays across lines)")
+    # strings and comments become one placeholder key character (a quoted key still counts as a part),
+    # keeping their newlines so the skeleton's line numbers are the file's
+    skeleton = _TOML_SKIP.sub(lambda m: "\n" * m.group().count("\n") if m.group().startswith("#")
+                              else "s" + "\n" * m.group().count("\n"), text)
+    for m in _TOML_DOTTED.finditer(skeleton):
+        parts = m.group().count(".") + 1
+        if parts > MAX_TOML_KEY_PARTS:
+            line = skeleton.count("\n", 0, m.start()) + 1
+            raise JobError(f"{where} line {line}: a dotted key of {parts:,} parts: at most {MAX_TOML_KEY_PARTS} "
+                           "parts per key")
+    depth, tables = 0, 0
+    for m in _TOML_BRACKETS.finditer(skeleton):
+        if m.group() in "[{":
+            if depth == 0 and m.group() == "[" and not skeleton[skeleton.rfind("\n", 0, m.start()) + 1:m.start()].strip():
+                tables += 1  # a [table] or [[array]] header (its second "[" is at depth 1)
+                if tables > MAX_TOML_TABLES:
+                    raise JobError(f"{where} has more than {MAX_TOML_TABLES:,} [table] headers: at most "
+                                   f"{MAX_TOML_TABLES:,} per file")
+            depth += 1
+            if depth > MAX_TOML_DEPTH:
+                line = skeleton.count("\n", 0, m.start()) + 1
+                raise JobError(f"{where} line {line}: arrays or inline tables nested more than {MAX_TOML_DEPTH} "
+                               f"deep: at most {MAX_TOML_DEPTH} levels")
+        else:
+            depth = max(depth - 1, 0)
 
 
 def load_job(path: str | Path) -> RenderJob:

@@ -12,6 +12,10 @@ is stale, and is taken over with a `RunWarning` saying whose it was, when
     the process start time recorded beside the pid differs), or
   - it names another host and its heartbeat is older than `STALE_AFTER_S` (10 minutes): that
     driver died without removing it, or cannot reach the folder any more.
+  - it records a `slurm_job_id` (from $SLURM_JOB_ID when the driver ran under SLURM) equal to this
+    process's $SLURM_JOB_ID: the job was requeued and this is its next run.
+A lock whose fields have the wrong types, or a folder where the lock goes, is unreadable: refused for
+`UNREADABLE_GRACE_S` after its last change, then taken over (`valid_holder`).
 A takeover renames the stale file away first (one rename wins), so two drivers cannot both take it.
 
 Object stores (s3://, gs://) have no exclusive create: there the lock is advisory (checked, then
@@ -25,8 +29,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import platform
+import shutil
 import sys
 import threading
 import time
@@ -120,14 +126,18 @@ class RunLock:
     # -- reading and judging a lock ----------------------------------------------------------------
 
     def read(self) -> tuple[dict[str, Any] | None, float | None]:
-        """(holder info or None when unreadable, seconds since its last heartbeat); (None, None) when absent."""
+        """(holder info or None when unreadable, seconds since its last heartbeat); (None, None) when absent.
+        A lock whose fields have the wrong types (pid null or "abc", started_at "yesterday", numbers out
+        of range), or a lock path that is a folder, is unreadable: refused while young, then taken over."""
         info = self.fs.get_file_info(self.path)
-        if info.type != pafs.FileType.File:
+        if info.type == pafs.FileType.NotFound:
             return None, None
         age = max(0.0, time.time() - info.mtime.timestamp()) if info.mtime else 0.0
+        if info.type != pafs.FileType.File:  # a folder (or another kind of entry) where the lock goes
+            return None, age
         try:
             with self.fs.open_input_stream(self.path) as f:
-                return parse_json_object(f.read())[0], age  # not a JSON object: unreadable
+                return valid_holder(parse_json_object(f.read())[0]), age  # not a JSON object: unreadable
         except OSError:
             return None, age
 
@@ -144,8 +154,11 @@ class RunLock:
             return "it is gone"
         if holder is None:
             return f"the lock file is unreadable and {age:.0f} s old" if age > UNREADABLE_GRACE_S else None
+        slurm = os.environ.get("SLURM_JOB_ID")
+        if slurm and holder.get("slurm_job_id") == slurm:  # this job's earlier step, requeued: it is gone
+            return f"it was written by this SLURM job ({slurm}) before it was requeued"
         if holder.get("host") == platform.node():
-            pid = int(holder.get("pid", -1))
+            pid = holder["pid"]
             if not _pid_alive(pid):
                 return f"pid {pid} is no longer running on this host"
             start = _pid_start(pid)
@@ -221,9 +234,12 @@ class RunLock:
             os.rename(self.path, grave)
         except FileNotFoundError:  # another driver removed it first; try to create ours
             return False
+        if os.path.isdir(grave):  # a folder where the lock goes, judged stale: removed like a stale lock
+            shutil.rmtree(grave, ignore_errors=True)
+            return holder is None
         try:
             with open(grave, "rb") as f:
-                moved = parse_json_object(f.read())[0]
+                moved = valid_holder(parse_json_object(f.read())[0])
         except OSError:
             moved = None
         if holder is not None and (moved is None or not _same(moved, holder)):
@@ -255,15 +271,39 @@ class RunLock:
 
 def describe(holder: dict[str, Any] | None) -> str:
     if not holder:
-        return "another driver (its lock file is being written)"
-    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started_at", 0))))
+        return "another driver (its lock file is being written or cannot be read)"
+    try:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started_at", 0))))
+    except (TypeError, ValueError, OverflowError, OSError):
+        started = "at an unknown time"
     return f"pid {holder.get('pid')} on {holder.get('host')} (started {started})"
+
+
+_MAX_PID = 2**31 - 1  # pid_t (Linux allows at most 2**22)
+_MAX_TIME = 1e11  # seconds since 1970: the year 5138
+
+
+def valid_holder(holder: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The lock's holder when its fields have their types and ranges, else None (an unreadable lock):
+    host a string, pid an int in 1..2**31-1, started_at a finite number of seconds in 0..1e11, pid_start
+    an int or null, token a string, slurm_job_id (when there) a string."""
+    if holder is None:
+        return None
+    pid, started, pid_start = holder.get("pid"), holder.get("started_at"), holder.get("pid_start")
+    ok = (isinstance(holder.get("host"), str) and type(pid) is int and 0 < pid <= _MAX_PID
+          and type(started) in (int, float) and math.isfinite(started) and 0 <= started <= _MAX_TIME
+          and (pid_start is None or type(pid_start) is int) and isinstance(holder.get("token"), str)
+          and isinstance(holder.get("slurm_job_id", ""), str))
+    return holder if ok else None
 
 
 def _my_info() -> dict[str, Any]:
     pid = os.getpid()
-    return {"host": platform.node(), "pid": pid, "pid_start": _pid_start(pid), "started_at": time.time(),
+    info = {"host": platform.node(), "pid": pid, "pid_start": _pid_start(pid), "started_at": time.time(),
             "token": uuid.uuid4().hex, "command": " ".join(sys.argv)[:300]}
+    if os.environ.get("SLURM_JOB_ID"):  # a requeued job's next step takes its own lock over at once
+        info["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+    return info
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
