@@ -122,3 +122,14 @@ def test_bad_inputs_raise():
         metrics.paired_difference(np.ones(3), np.ones(4))
     with pytest.raises(ValueError):
         metrics.bootstrap_curve(np.ones(3))
+
+
+def test_min_pairs_to_resolve_matches_exact_test_and_holm():
+    import numpy as _np
+    from hpcwalk.core import metrics as _m
+    assert _m.min_pairs_to_resolve(3) == 7
+    assert _m.min_pairs_to_resolve(1) == 6
+    for m in (1, 3):
+        n = _m.min_pairs_to_resolve(m)
+        best = lambda k: _m.holm(_np.full(m, _m.sign_flip_p_value(_np.arange(1.0, k + 1)))).min()
+        assert best(n) <= 0.05 < best(n - 1)

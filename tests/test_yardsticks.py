@@ -300,3 +300,21 @@ def test_a_one_method_study_and_every_random_built_in_are_reported():
                                                            "model_id": model, "lpips": "alex"})
         assert s["yardsticks"]["kid_clip"]["paired"] == {} and "KID (CLIP features): slerp" in s["answer"]
         assert any(f"Random weights: the Stable Diffusion model ({model})" in w for w in s["warnings"])
+
+
+def test_agreement_of_two_pairs_is_never_resolved_by_a_degenerate_interval():
+    import numpy as _np
+    from hpcwalk.analyse import yardsticks as _y
+    clip = {"a": _np.array([1.0, 1.0]), "b": _np.array([0.0, 0.0]), "c": _np.array([-1.0, -1.0])}
+    other = {m: -v for m, v in clip.items()}  # opposite ranking in both pairs: tau = -1, -1
+    v = _y.agreement(clip, other, "higher", 200, 0.95)
+    assert v["verdict"] == "not resolved" and v["p"] > 0.05
+
+
+def test_answer_states_the_minimum_number_of_pairs():
+    from hpcwalk.analyse import yardsticks as _y
+    ys = {"clip": {"label": "CLIP", "ranking": ["a", "b", "c"], "better": "higher",
+                   "paired": {k: {"resolved": False} for k in ("a - b", "a - c", "b - c")}}}
+    assert _y.answer(ys, 5, 0.95).startswith("With 5 seed pairs nothing can resolve")
+    assert "at least 7 pairs" in _y.answer(ys, 2, 0.95)
+    assert not _y.answer(ys, 40, 0.95).startswith("With")

@@ -176,8 +176,13 @@ def agreement(clip: dict[str, np.ndarray], other: dict[str, np.ndarray], better:
         return {"estimate": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0,
                 "confidence": confidence, "pairs_tied": int(tau.size), "verdict": "undefined"}
     iv = metrics.bootstrap_ci(ok, n_boot, confidence).as_dict()
-    verdict = "agrees" if iv["low"] > 0 else "disagrees" if iv["high"] < 0 else "not resolved"
-    return {**iv, "pairs_tied": int(tau.size - ok.size), "verdict": verdict}
+    # The verdict rests on the exact sign-flip test of mean tau = 0 (as the differences do), never on the
+    # bootstrap interval alone: with 2 pairs a tau of -1 in both gives [-1, -1], degenerate, no evidence.
+    p = metrics.sign_flip_p_value(ok, n_boot)
+    degenerate_iv = not iv["high"] - iv["low"] > 1e-12
+    resolved = p <= 1 - confidence and not degenerate_iv
+    verdict = ("agrees" if iv["estimate"] > 0 else "disagrees") if resolved else "not resolved"
+    return {**iv, "p": p, "pairs_tied": int(tau.size - ok.size), "verdict": verdict}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +201,11 @@ def answer(yardsticks: dict[str, dict[str, Any]], pairs: int, confidence: float)
                     for k, t in y["paired"].items() if t["resolved"]]
         parts.append(f"{y['label']}: {ranking}, "
                      + (f"resolved: {', '.join(resolved)}" if resolved else "no difference resolved"))
-    head = (f"Rankings over {pairs} seed pairs (best first; a difference counts as resolved when its Holm-corrected "
+    comparisons = max((len(y["paired"]) for y in yardsticks.values()), default=1) or 1
+    need = metrics.min_pairs_to_resolve(comparisons, confidence)
+    floor = (f"With {pairs} seed pairs nothing can resolve: the exact sign-flip test with Holm's correction over "
+             f"{comparisons} comparisons needs at least {need} pairs. ") if pairs < need else ""
+    head = floor + (f"Rankings over {pairs} seed pairs (best first; a difference counts as resolved when its Holm-corrected "
             f"p-value, over the yardstick's pairwise comparisons, is at most {alpha:g}). " + ". ".join(parts) + ".")
     verdicts = {y["label"]: y["agreement"] for y in yardsticks.values() if y.get("agreement")}
     if not verdicts:

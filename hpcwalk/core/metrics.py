@@ -192,6 +192,21 @@ def paired_test(a: np.ndarray, b: np.ndarray, n_boot: int = N_BOOT, confidence: 
     return iv, sign_flip_p_value(np.asarray(a, np.float64) - np.asarray(b, np.float64), n_boot, seed)
 
 
+def min_pairs_to_resolve(comparisons: int, confidence: float = CONFIDENCE) -> int:
+    """The fewest pairs at which any one of `comparisons` Holm-corrected exact sign-flip tests can resolve.
+
+    With n pairs the exact two-sided test's smallest p-value is 2 / 2^n (all differences of one sign);
+    Holm multiplies the smallest p by m, so resolving needs m * 2^(1-n) <= alpha: below that n nothing
+    can resolve, whatever the data (3 comparisons at 95%: 7 pairs)."""
+    if comparisons < 1:
+        raise ValueError(f"comparisons must be >= 1, got {comparisons}")
+    alpha = 1.0 - confidence
+    n = 1
+    while comparisons * 2.0 ** (1 - n) > alpha * (1 + 1e-12):
+        n += 1
+    return n
+
+
 def holm(p: np.ndarray) -> np.ndarray:
     """Holm's step-down adjusted p-values: sorted p_(1) <= ... <= p_(m), adj_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)).
     Reject H_i at level alpha iff adj_i <= alpha; controls the family-wise error rate. NaN stays NaN."""
