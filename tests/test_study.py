@@ -73,7 +73,10 @@ def test_study_writes_all_three_outputs(study_run):
         assert sorted(y["ranking"]) == ["linear", "normalized", "slerp"] and len(y["paired"]) == 3
         assert all(0 <= t["p"] <= t["p_holm"] <= 1 for t in y["paired"].values()), name
         assert (name == "interp_score") == ("agreement" not in y)
-    assert summary["answer"].startswith("Rankings over 4 seed pairs") and "CLIP's ranking" in summary["answer"]
+    # 4 pairs cannot resolve anything under Holm over 3 comparisons (7 are needed): the answer says so first
+    assert summary["answer"].startswith("With 4 seed pairs nothing can resolve: ") and "needs at least 7 pairs" in summary["answer"]
+    assert "Rankings over 4 seed pairs" in summary["answer"] and "CLIP's ranking" in summary["answer"]
+    assert "no difference resolved" in summary["answer"] and "resolved:" not in summary["answer"]
     assert any("Only 4 seed pairs" in w for w in summary["warnings"])
     assert any(w.startswith("Random weights: the Stable Diffusion model (tiny), CLIP tiny-clip/none, the encoder "
                             "tiny-dinov2, LPIPS alex-random") for w in summary["warnings"])

@@ -90,8 +90,10 @@ def test_job_files_that_are_not_text_or_not_files(tmp_path):
     big.write_text(SMALL.replace('prompt = "a cat"', 'prompt = "' + "x" * (17 << 20) + '"'))
     _refused(runner.invoke(app, ["render", str(big), "--out", str(out)]), "must be at most 16,777,216 bytes", out)
     deep = tmp_path / "deep.toml"
-    deep.write_text("a = " + "[" * 100000 + "]" * 100000)
-    _refused(runner.invoke(app, ["render", str(deep), "--out", str(out)]), "malformed TOML", out)
+    deep.write_text("a = " + "[" * 100000 + "]" * 100000)  # one 200,004-character line: the line bound answers first
+    _refused(runner.invoke(app, ["render", str(deep), "--out", str(out)]), "line 1 has 200,004 characters", out)
+    deep.write_text("a = " + "[\n" * 5000 + "]\n" * 5000)  # short lines: the nesting bound answers
+    _refused(runner.invoke(app, ["render", str(deep), "--out", str(out)]), "nested more than 32 deep", out)
 
 
 def test_dry_run_plans_and_writes_nothing(tmp_path):

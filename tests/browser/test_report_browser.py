@@ -42,7 +42,8 @@ def test_report_states_its_answer_and_warnings(tmp_path):
         first = page.locator("body > p").first
         assert first.get_attribute("id") == "answer" and first.is_visible()
         answer = first.inner_text()
-        assert answer.startswith("Rankings over 3 seed pairs (best first;")
+        assert answer.startswith("With 3 seed pairs nothing can resolve: ") and "needs at least 7 pairs" in answer
+        assert "Rankings over 3 seed pairs (best first;" in answer
         for label in ("InterpScore (CLIP tiny-clip/none): ", "sharpness: ", "pixel step (1 - SSIM): ", "LPIPS step: ",
                       "KID (CLIP features): ", "KID (tiny-dinov2 features): "):
             assert re.search(re.escape(label) + r"\w+ > \w+ > \w+, ", answer), label
