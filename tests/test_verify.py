@@ -82,8 +82,9 @@ def test_verify_lists_every_state_and_repair_removes_exactly_the_damage(tmp_path
     assert sorted(os.listdir(os.path.join(run, "frames"))) == ["shard-00004.parquet", "shard-00005.parquet"]
     assert sorted(os.listdir(os.path.join(run, "commits"))) == sorted(before)
     assert {n: os.path.getmtime(os.path.join(run, "commits", n)) for n in before} == before
-    again = runner.invoke(app, ["verify", run])
-    assert again.exit_code == 0 and again.stdout.splitlines()[-1] == "2 of 2 shards ok (full)"
+    again = runner.invoke(app, ["verify", run])  # the removed shards are planned: missing until rendered again
+    assert again.exit_code == 1 and again.stdout.splitlines()[-1] == "2 of 6 shards ok (full), 4 missing"
+    assert again.stdout.splitlines()[0] == "shard-00000: missing (planned, but neither its file nor its marker is there)"
     assert runner.invoke(app, ["verify", str(tmp_path)]).exit_code == 2  # not a run folder
 
 

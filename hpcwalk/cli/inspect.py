@@ -50,16 +50,21 @@ def verify_cmd(
                                 "every stray temporary file, so that the next render renders exactly those again."),
     verify: VerifyOption = DEFAULT_LEVEL,
 ) -> None:
-    """List each shard's state: ok, missing (marker without its Parquet file), truncated, size mismatch,
-    checksum mismatch, bad marker, file without marker, stray temp file; and a damaged run.json. Exit 0 when
-    every shard is ok (or was repaired), 1 when something is damaged (or run.json is), 2 when RUN_DIR is not
-    a run folder."""
+    """List each shard's state against its marker and against the run's plan: ok, missing (a marker without its
+    Parquet file, or a planned shard with neither), truncated, size mismatch, checksum mismatch, bad marker
+    (unreadable, or its rows or shard number lie), file without marker, stray temp file, not a file, foreign
+    (another job's shard), extra (not in the plan), duplicate (a copy of another shard), misplaced (another
+    shard's frames); and a damaged run.json, or one whose job is not its shards'. --repair removes what is
+    damaged and moves what is not the run's own into RUN_DIR/quarantine/ (never deleted). Exit 0 when every
+    planned shard is ok (or was repaired), 1 when something is damaged or missing, 2 when RUN_DIR is not a
+    run folder."""
     from collections import Counter
 
     from hpcwalk.core.fsio import filesystem
     from hpcwalk.store.reader import DamagedRunJson, read_run, verify_run
     from hpcwalk.store.runfolder import damaged_run_folder
     from hpcwalk.store.runlock import RunLock, describe
+    from hpcwalk.store.verify import quarantine
     from hpcwalk.store.verify import repair as remove_damaged
 
     # 1. validate: a run folder (its run.json may be damaged: reported with the shards), no render running in
@@ -89,17 +94,25 @@ def verify_cmd(
         bad = [c for c in shards.checks if not c.ok]
         typer.echo(f"{len(shards.ok)} of {len(shards.checks) - counts['stray temp file']} shards ok ({level})"
                    + "".join(f", {n} {state}" for state, n in counts.items() if state != "ok"))
+        if shards.run_mismatch:
+            typer.echo(f"run.json: {shards.run_mismatch}: restore the run's own run.json, or render that job's file "
+                       f"into {run_dir} with --overwrite", err=True)
+        elif shards.plan_note and not damaged_run:
+            typer.echo(f"note: shards checked against their markers only: {shards.plan_note}", err=True)
         if damaged_run:  # --repair cannot mend it: the job is not in the shards, only its fingerprint
             typer.echo(f"{damaged_run}: rerun the render with the run's own job file into {run_dir} (it writes "
                        "run.json again when the shards carry that job's fingerprint), or restore it from a copy")
-        if bad and repair:  # 3. repair: remove what is bad; the next render renders exactly that
-            removed = remove_damaged(filesystem(run_dir)[0], bad)
-            typer.echo(f"repaired: removed {len(removed)} files; rerun the render or study into {run_dir} to "
-                       f"render the {len(shards.damaged)} removed shards again")
+        if bad and repair and not shards.run_mismatch:  # 3. repair: remove what is bad and ours, move what is not
+            fs, root = filesystem(run_dir)  # ours; the next render renders exactly that
+            removed, moved = remove_damaged(fs, bad), quarantine(fs, root, bad)
+            again = len([c for c in shards.damaged if c.index is not None and c.state != "extra"])
+            typer.echo(f"repaired: removed {len(removed)} files"
+                       + (f", moved {len(moved)} files that are not this run's into {run_dir}/quarantine/" if moved else "")
+                       + f"; rerun the render or study into {run_dir} to render the {again} shards again")
         elif bad:
             typer.echo(f"damaged: run `hpcwalk verify {run_dir} --repair`, or rerun the render or study into "
                        f"{run_dir} (it renders damaged shards again)", err=True)
-        if damaged_run or (bad and not repair):
+        if damaged_run or shards.run_mismatch or (bad and not repair):
             raise typer.Exit(1)
     except OSError as e:
         fail_io(e, "the repair")

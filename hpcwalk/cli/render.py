@@ -44,7 +44,7 @@ def render(
     typer.echo(f"hpcwalk: {len(prepared.rows)} frames in {len(prepared.shards)} shards, model {job.model.id}, "
                f"{job.sampling.steps} steps, {job.render.dtype} ({prepared.mode} run in {out})", err=True)
     if dry_run:  # 2. the plan's size and what a run would render; nothing written
-        done = set() if prepared.mode != "resume" else verify_run(out, run.verify).indices
+        done = set() if prepared.mode != "resume" else verify_run(out, run.verify, job=job).indices
         left = sum(1 for s in prepared.shards if s.index not in done)
         typer.echo(f"dry run: {prepared.describe()}; {len(prepared.shards) - left} shards committed and verified "
                    f"({run.verify}), {left} to render; nothing written")

@@ -41,7 +41,7 @@ from hpcwalk.store.reader import verify_run
 from hpcwalk.store.runfolder import rewrite_damaged_run_json
 from hpcwalk.store.runlock import RunLock
 from hpcwalk.store.schema import run_metadata
-from hpcwalk.store.verify import DEFAULT_LEVEL, RunWarning, VerifyLevel, repair
+from hpcwalk.store.verify import DEFAULT_LEVEL, NOT_OURS, RunWarning, VerifyLevel, quarantine, repair
 from hpcwalk.store.writer import ShardStore
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +257,7 @@ def run_render(job: RenderJob, out: str, shards: Sequence[Shard], overwrite: boo
             if not overwrite:
                 rewrite_damaged_run_json(out, job)  # a damaged run.json, when the shards prove this job's
         # 2. what is left: committed shards verified against their markers; damaged ones render again
-        todo, summary = _left_to_render(out, shards, overwrite, verify, ex.name, lock.held)
+        todo, summary = _left_to_render(out, job, shards, overwrite, verify, ex.name, lock.held)
         if not todo:
             return summary
         try:
@@ -318,22 +318,29 @@ def _final_pass(job: RenderJob, out: str, shards: Sequence[Shard], late: list[Sh
     return results
 
 
-def _left_to_render(out: str, shards: Sequence[Shard], overwrite: bool, verify: VerifyLevel, executor: str,
-                    locked: bool) -> tuple[list[Shard], RunSummary]:
-    """The shards to render (all with overwrite; else those not committed or not passing verification).
-    Holding the lock, stray temporary files are a killed writer's leftovers: they are removed."""
+def _left_to_render(out: str, job: RenderJob, shards: Sequence[Shard], overwrite: bool, verify: VerifyLevel,
+                    executor: str, locked: bool) -> tuple[list[Shard], RunSummary]:
+    """The shards to render (all with overwrite; else those not committed or not passing verification against
+    their markers and the plan). Holding the lock, stray temporary files are a killed writer's leftovers: they
+    are removed; what is not this run's own (another job's shard, a copy, one the plan does not have, a folder
+    where a shard belongs) is moved into quarantine/ with a warning, never written over."""
     planned = {s.index for s in shards}
     done: set[int] = set()
     damaged: list[str] = []
     if not overwrite:
-        checked = verify_run(out, verify)
+        checked = verify_run(out, verify, job=job)
         done = checked.indices & planned
         for c in checked.damaged:
-            if c.index in planned and c.marker is not None:  # it was committed once: say so
+            if c.index in planned and (c.marker is not None or c.state in NOT_OURS):  # committed once: say so
                 damaged.append(c.describe())
                 warnings.warn(RunWarning(f"{c.describe()}: rendering it again"), stacklevel=3)
         if locked:
-            repair(filesystem(out)[0], [c for c in checked.checks if c.state == "stray temp file"])
+            fs, root = filesystem(out)
+            repair(fs, [c for c in checked.checks if c.state == "stray temp file"])
+            for path in quarantine(fs, root, checked.checks):
+                warnings.warn(RunWarning(f"moved {path.rpartition('/')[2]} into {out}/quarantine/: it is not this "
+                                         "run's own (hpcwalk verify said why); delete it there once you are sure"),
+                              stacklevel=3)
     todo = [s for s in shards if s.index not in done]
     return todo, RunSummary(out, already_committed=len(done), total_shards=len(shards), executor=executor,
                             damaged=damaged)

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from hpcwalk.core.errors import StoreError
 from hpcwalk.core.fsio import filesystem
+from hpcwalk.job.spec import RenderJob
 from hpcwalk.store.verify import (
     COMMITS_DIR,
     DEFAULT_LEVEL,
@@ -86,6 +87,8 @@ class RunShards:
     uri: str
     level: VerifyLevel
     checks: list[ShardCheck]
+    plan_note: str = ""  # why the shards could not be held against the plan ('' when they were)
+    run_mismatch: str = ""  # run.json names another job than its shards carry (plancheck.against_plan)
 
     @property
     def ok(self) -> list[ShardCheck]:
@@ -104,10 +107,18 @@ class RunShards:
     def files(self) -> list[str]:
         return [c.parquet for c in self.ok if c.parquet]
 
+    @property
+    def not_rendered(self) -> list[int]:
+        """Planned shards with neither file nor marker (not rendered yet, or deleted)."""
+        return [c.index for c in self.checks if c.state == "missing" and c.marker is None and c.index is not None]
+
     def warn(self, action: str = "left out") -> None:
-        """One RunWarning per damaged shard that had a marker, naming it and the repair."""
+        """One RunWarning per damaged shard that had a marker or a file, naming it and the repair."""
+        if self.run_mismatch:
+            warnings.warn(RunWarning(f"{self.uri}: {self.run_mismatch}: every shard is left out; restore the run's "
+                                     "own run.json, or render its job again"), stacklevel=3)
         for c in self.damaged:
-            if c.marker is not None:
+            if c.marker is not None or (c.parquet is not None and c.state != "file without marker"):
                 warnings.warn(RunWarning(damage_message(self.uri, c.describe(), action)), stacklevel=3)
 
 
@@ -117,11 +128,27 @@ def damage_message(uri: str, what: str, action: str = "left out") -> str:
             f"shards again), or remove them now with `hpcwalk verify {uri} --repair`")
 
 
-def verify_run(uri: str, level: VerifyLevel = DEFAULT_LEVEL, only: Collection[int] | None = None) -> RunShards:
-    """Check every shard of a run against its marker (`quick`: present and size; `full`: also sha256);
+def verify_run(uri: str, level: VerifyLevel = DEFAULT_LEVEL, only: Collection[int] | None = None,
+               job: RenderJob | None = None) -> RunShards:
+    """Check every shard of a run against its marker (`quick`: present and size; `full`: also sha256), then
+    against the plan of the run's job (`job`, else the one in run.json: hpcwalk/store/plancheck.py);
     `only`: just the shards with these indices."""
+    from hpcwalk.store.plancheck import against_plan, job_from_run, planned_shards
+
     fs, root = filesystem(uri)
-    return RunShards(uri, level, check_shards(fs, root, level, only=only))
+    checks = check_shards(fs, root, level, only=only)
+    try:
+        run = read_run_json(fs, root, uri)
+    except StoreError as e:  # no or a damaged run.json: the shards against their markers only
+        return RunShards(uri, level, checks, plan_note=str(e))
+    given = job
+    if job is None:
+        job, note = job_from_run(run)
+        if job is None:
+            return RunShards(uri, level, checks, plan_note=note)
+    fingerprint = run["job_fingerprint"] if given is None else given.fingerprint()
+    checks, mismatch = against_plan(fs, checks, planned_shards(job, fingerprint), level, only)
+    return RunShards(uri, level, checks, run_mismatch=mismatch)
 
 
 def read_shard(uri: str, path: str, columns: list[str] | None = None) -> pa.Table | None:
@@ -157,6 +184,10 @@ def read_frames(uri: str, columns: list[str] | None = None, level: VerifyLevel =
     left out, each with a RunWarning naming it and the repair."""
     shards = verify_run(uri, level)
     shards.warn()
+    if shards.not_rendered:
+        names = ", ".join(f"shard-{i:05d}" for i in shards.not_rendered[:5]) + (", ..." if len(shards.not_rendered) > 5 else "")
+        warnings.warn(RunWarning(f"{uri}: {len(shards.not_rendered)} planned shards are not there ({names}): their "
+                                 f"frames are missing; render into {uri} to complete it"), stacklevel=2)
     return read_verified(shards, columns)
 
 

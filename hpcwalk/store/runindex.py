@@ -8,7 +8,6 @@ order, holding at most one shard's image column at a time.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -20,7 +19,8 @@ import pyarrow.parquet as pq
 from hpcwalk.core.errors import StoreError
 from hpcwalk.core.fsio import filesystem
 from hpcwalk.job.plan import plan, shard
-from hpcwalk.job.spec import Keyframe, NoiseKey, OutputSpec, RenderJob, Sampling, Shard, Walk
+from hpcwalk.job.spec import RenderJob
+from hpcwalk.store.plancheck import job_from_run
 from hpcwalk.store.reader import damage_message, read_run, read_shard, verify_run
 from hpcwalk.store.verify import DEFAULT_LEVEL, VerifyLevel
 
@@ -146,11 +146,9 @@ def open_run(uri: str, level: VerifyLevel = DEFAULT_LEVEL) -> RunIndex:
         raise StoreError(f"{uri!r} has no committed shards that pass verification yet: render into it first")
     table = pa.concat_tables(parts, promote_options="default")
     # 3. what the job planned, and which of its shards are not committed
-    job, note = _job_from_run(run)
+    job, note = job_from_run(run)
     rows = plan(job) if job else []
     cut = shard(rows, job.output.shard_size) if job else []
-    note = note or _check_plan(table, cut)
-    job = None if note else job
     idx = RunIndex(uri, run, files, _final_frames(table), job, plan_note=note)
     if job is not None:
         for r in rows:
@@ -251,32 +249,3 @@ def _dedupe(t: pa.Table) -> pa.Table:
             seen.add(i)
             keep.append(k)
     return t if len(keep) == t.num_rows else t.take(pa.array(keep))
-
-
-def _job_from_run(run: dict[str, Any]) -> tuple[RenderJob | None, str]:
-    """Rebuild from run.json the parts of the job that decide the plan (walks, size, shard cut)."""
-    try:
-        d = run["job"]
-        walks = tuple(Walk(**{**{k: tuple(v) if isinstance(v, list) else v for k, v in _known(Walk, w).items()},
-                              "seeds": tuple(NoiseKey(**s) for s in w["seeds"]),
-                              "keyframes": tuple(Keyframe(k["prompt"], NoiseKey(**k["seed"]), k["frames"])
-                                                 for k in w.get("keyframes", ()))}) for w in d["walks"])
-        return RenderJob(sampling=Sampling(**_known(Sampling, d["sampling"])),
-                         output=OutputSpec(**_known(OutputSpec, d["output"])), walks=walks), ""
-    except (KeyError, TypeError, ValueError) as e:
-        return None, f"run.json's job cannot be read by this hpcwalk version ({type(e).__name__}: {e})"
-
-
-def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
-
-
-def _check_plan(table: pa.Table, cut: list[Shard]) -> str:
-    """'' when every committed frame sits in the shard the rebuilt plan puts it in, else the first mismatch."""
-    where = {r.frame_id: s.index for s in cut for r in s.rows}
-    for fid, s in zip(table.column("frame_id").to_pylist(), table.column("shard").to_pylist()):
-        if where.get(fid) != s:
-            return (f"frame {fid!r} is committed in shard {s}, but the job in run.json plans "
-                    f"{'no such frame' if fid not in where else f'it in shard {where[fid]}'}")
-    return ""

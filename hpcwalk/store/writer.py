@@ -34,7 +34,8 @@ import hpcwalk
 from hpcwalk.core.errors import StoreError
 from hpcwalk.core.fsio import filesystem, write_atomic
 from hpcwalk.job.spec import RenderJob, Shard
-from hpcwalk.store.reader import DamagedRunJson, read_run_json, shards_of
+from hpcwalk.store.plancheck import frames_digest
+from hpcwalk.store.reader import DamagedRunJson, read_run_json, shards_of, verify_run
 from hpcwalk.store.schema import run_metadata
 from hpcwalk.store.verify import COMMITS_DIR, FRAMES_DIR, LOCK_NAME
 
@@ -64,6 +65,10 @@ def preflight(uri: str, job: RenderJob, overwrite: bool = False) -> Literal["new
                     f"output {uri!r} holds another job (fingerprint {prev}, this job {job.fingerprint()}): "
                     "choose another --out, or pass --overwrite to replace it"
                 )
+            mismatch = verify_run(uri, "quick", job=job).run_mismatch
+            if mismatch:
+                raise StoreError(f"output {uri!r}: {mismatch}: restore the run's own run.json (or render that "
+                                 "job's file into it), choose another --out, or pass --overwrite to replace it")
             return "resume"
         if [i for i in fs.get_file_info(pafs.FileSelector(root)) if not _opening_leftover(fs, i)]:
             # never delete a folder we did not write, even with --overwrite
@@ -98,6 +103,8 @@ class CommitMarker:
     device: str = ""
     host: str = field(default_factory=platform.node)
     committed_at: float = field(default_factory=time.time)
+    job_fingerprint: str = ""  # the run's job: a shard copied into another run is told apart (plancheck.py)
+    frames: str = ""  # frames_digest of the shard's frame ids: a shard under another shard's name is told apart
 
 
 class ShardStore:
@@ -150,6 +157,10 @@ class ShardStore:
         """Commit one shard: Parquet to a temporary name, rename, then the marker."""
         if table.num_rows != len(shard.rows):
             raise StoreError(f"{shard.name}: table has {table.num_rows} rows, shard has {len(shard.rows)}")
+        ids = table.column("frame_id").to_pylist()
+        if ids != [r.frame_id for r in shard.rows]:
+            raise StoreError(f"{shard.name}: the table's frames are not the shard's (first {ids[:1]}, planned "
+                             f"{shard.rows[0].frame_id!r})")
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{
             k.encode(): v.encode() for k, v in self.metadata.items()}})
         buf = io.BytesIO()
@@ -157,7 +168,7 @@ class ShardStore:
         data = buf.getvalue()
         write_atomic(self.fs, f"{self.frames}/{shard.name}.parquet", data)
         marker = CommitMarker(shard.index, table.num_rows, hashlib.sha256(data).hexdigest(), len(data),
-                              timings or {}, device)
+                              timings or {}, device, job_fingerprint=self.job.fingerprint(), frames=frames_digest(ids))
         write_atomic(self.fs, f"{self.commits}/{shard.name}.done.json",
                            json.dumps(dataclasses.asdict(marker), indent=2).encode())
         return marker
