@@ -47,10 +47,11 @@ def test_sigkilled_driver_resumes_with_only_the_rest(job, job_file, renderer, tm
     assert 2 <= len(before) < len(shards) - 1, "the driver must die mid-run"
     first = _marker_times(out, before)
 
-    # 2. the same command again, with one remaining shard's final name blocked by a directory:
-    #    that shard fails (a deterministic write error), is listed, exit 1; all else is committed
+    # 2. the same command again, with one remaining shard's temporary name blocked by a directory (a folder
+    #    at its final name is not the run's own: moved into quarantine/ and rendered): that shard fails (a
+    #    deterministic write error), is listed, exit 1; all else is committed
     bad = min({s.index for s in shards} - before)
-    blocker = os.path.join(out, "frames", f"shard-{bad:05d}.parquet")
+    blocker = os.path.join(out, "frames", f".shard-{bad:05d}.parquet.tmp")
     os.makedirs(os.path.join(blocker, "in-the-way"))
     r = CliRunner().invoke(app, ["render", job_file, "--out", out, "--no-progress"])
     assert r.exit_code == 1, r.output

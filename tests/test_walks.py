@@ -158,7 +158,7 @@ def test_audio_pacing_is_placed_when_the_job_is_read(tmp_path):
     assert [r.gamma for r in rows if r.segment == 0][0] == 0.0 and rows[10].gamma == 1.0 and rows[-1].gamma == 1.0
     steps = np.diff([r.gamma for r in rows[:11]])
     assert steps[2] > 3 * np.median(steps)  # the burst at 0.5 s (frame 2 -> 3) is the fastest step
-    from hpcwalk.store.runindex import _job_from_run  # readers rebuild the plan from run.json, without the audio
+    from hpcwalk.store.plancheck import job_from_run as _job_from_run  # readers rebuild the plan from run.json, without the audio
     import dataclasses
     import json
 
