@@ -34,12 +34,10 @@ from hpcwalk.core.fsio import filesystem, walk_file, write_atomic
 from hpcwalk.job import pacing
 from hpcwalk.job.spec import FrameRow, RenderJob, Shard, Walk
 from hpcwalk.store.reader import verify_run
+from hpcwalk.store.runfolder import PACING_DIR
 from hpcwalk.store.schema import PROVENANCE_FIELDS, frames_table
 from hpcwalk.store.verify import RunWarning, parse_json_object
 from hpcwalk.store.writer import ShardStore
-
-PACING_DIR = "pacing"
-
 
 def even_walks(job: RenderJob) -> list[Walk]:
     return [w for w in job.walks if w.pace == "even"]
