@@ -112,3 +112,28 @@ def test_check_output_path_allows_what_is_not_a_runs_own(run, tmp_path):
     check_output_path(str(tmp_path / "plain" / "frames" / "x.mp4"))
     with pytest.raises(StoreError):
         check_output_path(str(run / "frames" / "deep" / "er" / "x.mp4"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A study stopped after its render, before its report
+# ---------------------------------------------------------------------------------------------
+
+def test_study_rerun_says_the_missing_report_is_written_now(tmp_path):
+    f = tmp_path / "study.toml"
+    f.write_text(tiny_study_toml("a cat", "bootstrap = 200", "lpips = \"none\""))
+    out = tmp_path / "study"
+    args = ("study", f, "--out", out, "--device", "cpu", "--no-progress")
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    assert "report" not in " ".join(line for line in first.output.splitlines() if line.startswith("warning:"))
+    outputs = ("study.json", "study.parquet", "report.html")
+    for n in outputs:  # what a kill after the render, before the report, leaves
+        (out / n).unlink()
+    again = invoke(*args)
+    assert again.exit_code == 0, again.output
+    said = [line for line in again.output.splitlines() if line.startswith("warning:") and "report" in line]
+    assert len(said) == 1 and all(n in said[0] for n in outputs) and "writing" in said[0], again.output
+    assert all((out / n).is_file() for n in outputs)
+    third = invoke(*args)  # nothing missing: nothing said
+    assert third.exit_code == 0 and not [line for line in third.output.splitlines()
+                                         if line.startswith("warning:") and "report" in line], third.output
