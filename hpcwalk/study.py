@@ -36,6 +36,8 @@ from hpcwalk.core.errors import JobError
 from hpcwalk.job.plan import plan
 from hpcwalk.job.studyspec import Study
 
+OUTPUTS = ("study.json", "study.parquet", "report.html")  # beside the run's own files
+
 # ---------------------------------------------------------------------------------------------
 # 3. The entry point: render what is missing, analyse, write the three outputs
 # ---------------------------------------------------------------------------------------------
@@ -60,12 +62,19 @@ def run_study(study: Study, out: str, overwrite: bool = False, progress: bool = 
     from hpcwalk.run.local import run_render
 
     # 1. render and score what is not committed yet, or damaged (same path as `hpcwalk render`)
+    missing = [] if overwrite else missing_outputs(out)
     if shards is None:
         shards = shard(plan(study.job), study.job.output.shard_size)
     summary = run_render(study.job, out, shards, overwrite=overwrite, progress=progress, executor=executor,
                          verify=verify)  # type: ignore[arg-type]
     if summary.failed:
         return StudyResult("failed", summary, [])
+    if missing:
+        from hpcwalk.store.verify import RunWarning
+
+        warnings.warn(RunWarning(f"{out!r} had no {', '.join(missing)}: a study run there stopped before "
+                                 f"writing its report; writing {'it' if len(missing) == 1 else 'them'} now"),
+                      stacklevel=2)
     # 2. the analysis of what is committed and verified
     files, left_out = analyse(study, out, verify, progress)
     return StudyResult("done", summary, files, left_out)
@@ -98,6 +107,19 @@ def analyse(study: Study, out: str, verify: str = "full", progress: bool = True)
     files = write_outputs(out, walks, summary_json)
     files += write_report(out, summary_json, walks)
     return files, left_out
+
+
+def missing_outputs(out: str) -> list[str]:
+    """The outputs (OUTPUTS) that a study folder already holding a run lacks; [] for a folder with no run."""
+    import pyarrow.fs as pafs
+
+    from hpcwalk.core.fsio import filesystem
+
+    fs, root = filesystem(out)
+    infos = fs.get_file_info([f"{root}/run.json", *(f"{root}/{n}" for n in OUTPUTS)])
+    if infos[0].type != pafs.FileType.File:
+        return []
+    return [n for n, i in zip(OUTPUTS, infos[1:]) if i.type != pafs.FileType.File]
 
 
 def check_yardsticks(study: Study) -> None:

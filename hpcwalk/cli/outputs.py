@@ -32,7 +32,8 @@ def video(
     warning; exit 1 when the file cannot be written (a full disk)."""
     import os
 
-    from hpcwalk.see.video import VideoOptions, check_options, select_tracks, walk_options, write_video
+    from hpcwalk.see.video import VideoOptions, check_options, default_path, select_tracks, walk_options, write_video
+    from hpcwalk.store.runfolder import check_output_path
     from hpcwalk.store.runindex import open_run
 
     # 1. validate: the run, the options, the walks
@@ -51,6 +52,8 @@ def video(
         per_walk = {w: walk_options(index, w, opts, fps, audio, audio_start, no_audio) for w in walks}
         for o in per_walk.values():  # an audio-paced walk's own fps and audio, checked like the options given
             check_options(o)
+        for w in walks:  # never onto the run's own files (run.json, frames/, ...)
+            check_output_path(out or default_path(index, w, method, fmt))
         for line in index.missing_report():
             typer.echo(f"warning: {line}", err=True)
         # 2. one video per walk (with no --walk, walks lacking frames or a --method are skipped, and said so)
@@ -80,11 +83,13 @@ def view(
     from tqdm import tqdm
 
     from hpcwalk.see.viewer.build import build_viewer, check_out, default_out
+    from hpcwalk.store.runfolder import check_output_path
     from hpcwalk.store.runindex import open_run
 
     level = level_of(verify)
     with refused("the viewer"):
         index = open_run(run_dir, level)
+        check_output_path(out or default_out(index))
         check_out(out or default_out(index))
         for line in index.missing_report():
             typer.echo(f"warning: {line}", err=True)
@@ -112,6 +117,7 @@ def score(
     from tqdm import tqdm
 
     from hpcwalk.analyse.score import check_score, run_clip_model, score_run
+    from hpcwalk.store.runfolder import check_output_path
 
     # 1. validate everything before any work
     level = level_of(verify)
@@ -123,6 +129,7 @@ def score(
     with refused():
         out, dev, dt, pretrained = check_score(run_dir, clip_model, pretrained, device, dtype, batch_size, overwrite,
                                                prompt)
+        check_output_path(out, "the score folder")
     typer.echo(f"hpcwalk score: {run_dir} with {clip_model}/{pretrained} on {dev} -> {out}", err=True)
     # 2. score the shards not scored yet
     bar = tqdm(unit="frame", disable=not progress, dynamic_ncols=True, file=sys.stderr)

@@ -33,9 +33,11 @@ def render(
     from hpcwalk.job.parse import load_job
     from hpcwalk.run.preflight import prepare_render
     from hpcwalk.store.reader import verify_run
+    from hpcwalk.store.runfolder import check_output_path
 
     # 1. validate everything before any work, then plan
     with refused(""):
+        check_output_path(out)
         job = overrides.apply(load_job(job_file), shard_size=shard_size)
         prepared = prepare_render(job, out, overwrite, run.executor)
     job = prepared.job
@@ -90,12 +92,14 @@ def study(
 
     from hpcwalk.job.studyspec import load_study
     from hpcwalk.run.preflight import prepare_render
+    from hpcwalk.store.runfolder import check_output_path
     from hpcwalk.study import check_yardsticks, run_study
 
     # 1. validate everything before any work
     if "://" in out:
         fail(f"--out {out!r}: a study writes its report to a local folder; pass a local path")
     with refused(""):
+        check_output_path(out)
         st = load_study(study_file)
         st = dataclasses.replace(st, job=overrides.apply(st.job))
         prepared = prepare_render(st.job, out, overwrite, run.executor)  # with --ray, device checks run on the workers

@@ -1,4 +1,4 @@
-"""pyarrow.fs paths: filesystem, write_atomic, target_error, safe_filename"""
+"""pyarrow.fs paths: filesystem, write_atomic, target_error, and walk_file (the one name rule of per-walk files)"""
 
 from __future__ import annotations
 
@@ -44,11 +44,31 @@ def target_error(e: OSError, path: str) -> OSError:
     return OSError(e.errno, os.strerror(e.errno) if e.errno else str(e), path)
 
 
-def safe_filename(name: str, max_chars: int = 80) -> str:
-    """A file name for `name` that every filesystem takes: letters, digits, `.`, `_`, `-` kept, the rest
-    `_`, at most `max_chars`, never hidden; when anything changed, `-` and 8 hex digits of its sha256 are
-    added, so distinct names stay distinct. The data keeps the name itself."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:max_chars].lstrip(".") or "walk"
-    if safe == name:
-        return safe
-    return f"{safe}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+STEM_CHARS = 96  # an escaped name longer than this is cut and hashed (file names stay far below 255 bytes)
+_KEPT = re.compile(r"[A-Za-z0-9_-]")
+
+
+def walk_stem(name: str) -> str:
+    """The file stem of walk `name`, distinct for distinct names: its letters, digits, `_` and `-` as they are,
+    every other character as `~` and two lowercase hex digits per UTF-8 byte (` ` -> `~20`, `.` -> `~2e`,
+    `~` -> `~7e`), so the name reads back from its stem. Past STEM_CHARS the stem keeps its first whole
+    characters up to 64, then `~~` and 32 hex digits of the name's sha256 (an escaped stem never holds `~~`).
+    A stem never holds `.` (a file's kind, after the first `.`, is never part of a name) and is never empty."""
+    pieces = [c if _KEPT.fullmatch(c) else "".join(f"~{b:02x}" for b in c.encode("utf-8", "surrogatepass"))
+              for c in name]
+    stem = "".join(pieces)
+    if len(stem) > STEM_CHARS:
+        head = ""
+        for p in pieces:
+            if len(head) + len(p) > 64:
+                break
+            head += p
+        stem = f"{head}~~{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}"
+    return stem or "~"
+
+
+def walk_file(name: str, kind: str) -> str:
+    """The one name of walk `name`'s file of kind `kind` (`json`, `steps.json`, `mp4`, `slerp.webm`):
+    STEM.KIND, with STEM = walk_stem(name). Two distinct (name, kind) pairs never get one file name: the
+    stem holds no `.`, so the first `.` ends it. The data keeps the name itself."""
+    return f"{walk_stem(name)}.{kind}"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcwalk.core.errors import JobError
+from hpcwalk.core.fsio import walk_stem
 from hpcwalk.job.bounds import (
     LEADING_MAX_STEPS,
     MAX_GUIDANCE,
@@ -192,9 +193,24 @@ def parse_job(data: dict[str, Any], source: str = "<dict>") -> RenderJob:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise JobError(f"walk name(s) {dup} used more than once: give each [[walk]] a unique name")
+    _check_file_names(names)
     job = RenderJob(walks=walks, source=source, **parts)
     check_plan_size(plan_size(job), len(walks))  # before anything builds the plan
     return job
+
+
+def _check_file_names(names: list[str]) -> None:
+    """Every walk's files (RUN/pacing/, RUN/videos/) are named by core.fsio.walk_file, distinct for distinct
+    names; two names whose stems differ only in case still make one file on a case-insensitive filesystem
+    (macOS, Windows): refused."""
+    seen: dict[str, str] = {}
+    for n in names:
+        stem = walk_stem(n)
+        other = seen.setdefault(stem.lower(), n)
+        if other != n:
+            raise JobError(f"walks {other!r} and {n!r} would write their per-walk files (pacing/, videos/) under "
+                           f"one name on a case-insensitive filesystem (macOS, Windows: {walk_stem(other)} and "
+                           f"{stem} are one file): rename one")
 
 
 def _check_sampling(s: Sampling) -> None:

@@ -5,7 +5,7 @@
        steps between consecutive coarse frames measured: the chord sqrt(2 (1 - cos)) of their CLIP image
        embeddings (`clip`), or the RMS of their pixel differences (`pixel`): both add up along a path
     3. per method and segment, pacing.even_gammas: the final gammas cover equal shares of the path
-    4. RUN/pacing/<walk>.json (written once, atomically): the coarse gammas, distances, final gammas, which
+    4. RUN/pacing/<walk>.json (walk_file's name; written once, atomically): the coarse gammas, distances, final gammas, which
        final frames reuse a coarse frame, the coarse shards' sha256 and the coarse pass's step_cv
     5. the final rows (stage 1) take their gammas from that file; a final frame at a coarse frame's gamma
        (every segment's ends, and any the snap put there) copies that frame (`reused_from`) when its shard
@@ -30,16 +30,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hpcwalk.core.fsio import filesystem, safe_filename, write_atomic
+from hpcwalk.core.fsio import filesystem, walk_file, write_atomic
 from hpcwalk.job import pacing
 from hpcwalk.job.spec import FrameRow, RenderJob, Shard, Walk
 from hpcwalk.store.reader import verify_run
+from hpcwalk.store.runfolder import PACING_DIR
 from hpcwalk.store.schema import PROVENANCE_FIELDS, frames_table
 from hpcwalk.store.verify import RunWarning, parse_json_object
 from hpcwalk.store.writer import ShardStore
-
-PACING_DIR = "pacing"
-
 
 def even_walks(job: RenderJob) -> list[Walk]:
     return [w for w in job.walks if w.pace == "even"]
@@ -52,9 +50,10 @@ def measure_of(job: RenderJob, w: Walk) -> str:
     return "clip" if job.clip.enabled else "pixel"
 
 
-def plan_path(uri: str, walk: str, suffix: str = "") -> str:
+def plan_path(uri: str, walk: str, kind: str = "json") -> str:
+    """RUN/pacing/STEM.json (the plan) or STEM.steps.json (`kind` "steps.json"): core.fsio.walk_file."""
     _, root = filesystem(uri)
-    return f"{root}/{PACING_DIR}/{safe_filename(walk)}{suffix}.json"
+    return f"{root}/{PACING_DIR}/{walk_file(walk, kind)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,7 +337,7 @@ def measure_after(job: RenderJob, out: str, shards: Sequence[Shard], rendered: s
         plan = _read_json(out, plan_path(out, w.name), lambda d: _plan_fits(d, [], {}))
         if plan is None or not mine or any(i not in checked for i in mine):
             continue
-        path = plan_path(out, w.name, ".steps")
+        path = plan_path(out, w.name, "steps.json")
         steps = _read_json(out, path, _steps_fit)
         if steps is None or set(mine) & rendered:
             frames = _coarse_frames_of(out, w.name, [checked[i].parquet for i in mine], plan["measure"], "final")

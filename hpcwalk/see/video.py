@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from hpcwalk.core.errors import HpcwalkError
-from hpcwalk.core.fsio import safe_filename, target_error
+from hpcwalk.core.fsio import target_error, walk_file
 from hpcwalk.store.runindex import RunIndex, Track, iter_images, param_rows, param_text
 
 
@@ -200,12 +200,12 @@ def select_tracks(index: RunIndex, walk: str, methods: Sequence[str] | None = No
 
 
 def default_path(index: RunIndex, walk: str, methods: Sequence[str] | None, fmt: str) -> str:
-    """RUN/videos/WALK[-METHOD...].FMT for a local run (the walk's name made a safe file name: see
-    store.safe_filename); VideoError for a remote one (pass --out)."""
+    """RUN/videos/WALK[.METHOD-METHOD...].FMT for a local run (the walk's one file name: core.fsio.walk_file);
+    VideoError for a remote one (pass --out)."""
     if "://" in index.uri and not index.uri.startswith("file://"):
         raise VideoError(f"run {index.uri!r} is not a local folder: pass --out with a local file path")
-    stem = safe_filename(walk) + ("-" + "-".join(methods) if methods else "")
-    return os.path.join(index.uri.removeprefix("file://"), "videos", f"{stem}.{fmt}")
+    kind = f"{'-'.join(methods)}.{fmt}" if methods else fmt
+    return os.path.join(index.uri.removeprefix("file://"), "videos", walk_file(walk, kind))
 
 
 # ---------------------------------------------------------------------------------------------

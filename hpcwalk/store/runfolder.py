@@ -1,19 +1,50 @@
-"""A run folder whose run.json is damaged: still a run for `verify` (the shards need no job), and written
-again by the run's own job when every readable shard carries that job's fingerprint (store.py refuses
-such a folder everywhere else with one line: `read_run`, `preflight`)."""
+"""A run folder's own entries (RESERVED), which no output may land on (`check_output_path`); and a run folder
+whose run.json is damaged: still a run for `verify` (the shards need no job), and written again by the run's
+own job when every readable shard carries that job's fingerprint (store.py refuses such a folder everywhere
+else with one line: `read_run`, `preflight`)."""
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pyarrow.fs as pafs
 
+from hpcwalk.core.errors import StoreError
 from hpcwalk.core.fsio import filesystem, write_atomic
 from hpcwalk.job.spec import RenderJob
-from hpcwalk.store.reader import DamagedRunJson, read_run_json, shards_of
+from hpcwalk.store.reader import INVERSIONS_DIR, DamagedRunJson, read_run_json, shards_of
 from hpcwalk.store.schema import run_metadata
-from hpcwalk.store.verify import COMMITS_DIR, FRAMES_DIR, RunWarning
+from hpcwalk.store.verify import COMMITS_DIR, FRAMES_DIR, LOCK_NAME, RunWarning
 from hpcwalk.store.writer import run_json_bytes
+
+PACING_DIR = "pacing"  # evenly paced walks' plans (run/evenpace.py)
+QUARANTINE_DIR = "quarantine"  # shards set aside by verification
+RESERVED = {"run.json": "its job", FRAMES_DIR: "its frame shards", COMMITS_DIR: "its commit markers",
+            INVERSIONS_DIR: "its inverted endpoints", PACING_DIR: "its pacing plans",
+            QUARANTINE_DIR: "its quarantined shards", LOCK_NAME: "its lock"}
+
+
+def check_output_path(path: str, what: str = "--out") -> None:
+    """StoreError when an output written to `path` (a file, or a folder it fills) would land on a run folder's
+    own entry (RESERVED) of any run folder above it (a folder holding run.json): run.json itself, or anything
+    under frames/, commits/, ... Symlinks are followed for local paths; names compare case-insensitively (one
+    entry on macOS and Windows). Writes nothing."""
+    if "://" in path and not path.startswith("file://"):
+        fs, root = filesystem(path)
+        parts, sep = root.rstrip("/").split("/"), "/"
+    else:
+        fs, root = pafs.LocalFileSystem(), os.path.realpath(path.removeprefix("file://"))
+        parts, sep = root.split(os.sep), os.sep
+    for k in range(len(parts) - 1, 0, -1):
+        entry = parts[k].lower()
+        if entry not in RESERVED:
+            continue
+        run = sep.join(parts[:k]) or sep
+        if fs.get_file_info(run.rstrip(sep) + sep + "run.json").type == pafs.FileType.File:
+            raise StoreError(f"{what} {path!r} lands on {parts[k]} of the run in {run!r} ({RESERVED[entry]}): "
+                             f"writing there would damage the run; choose another path (a run keeps "
+                             f"{', '.join(n if '.' in n else n + '/' for n in RESERVED)} for itself)")
 
 
 def rewrite_damaged_run_json(uri: str, job: RenderJob) -> bool:
