@@ -350,13 +350,24 @@ def test_chunked_onset_strength_equals_the_whole_signal(seed):
     x = (x / np.abs(x).max()).astype(np.float32).astype(np.float64)
     want, times, dur = _whole_signal_onsets(x)
     chunk = int(rng.choice([1, 3, 7, 64, 1000]))  # frames per chunk: boundaries everywhere, one frame at a time too
-    acc = OnsetAccumulator(chunk_hops=chunk)
-    i = 0
-    while i < n:  # pieces of any size, as PyAV's frames come: shorter than a hop, longer than a chunk
-        k = int(rng.choice([1, 255, 256, 1023, 1025, 4097, 30_001]))
-        acc.add(x[i:i + k])
-        i += k
-    for got in (acc.finish(), onset_strength(x)):
+    sizes = rng.choice([1, 255, 256, 1023, 1025, 4097, 30_001], n)  # pieces of any size, as PyAV's frames come
+
+    def fed(acc):
+        i = 0
+        for k in sizes:
+            if i >= n:
+                return acc
+            acc.add(x[i:i + k])
+            i += k
+        return acc
+
+    one = fed(OnsetAccumulator(chunk_hops=chunk))
+    first = fed(OnsetAccumulator(chunk_hops=chunk, keep_bytes=10_000))  # two passes: the top, then the flux
+    assert first.overflowed and not one.overflowed
+    second = fed(OnsetAccumulator(chunk_hops=int(rng.choice([2, 5, 4096])), top=first.finish_top()))
+    with pytest.raises(RuntimeError, match="second pass"):
+        first.finish()
+    for got in (one.finish(), second.finish(), onset_strength(x)):
         assert got.strength.shape == want.shape and got.duration_s == dur
         np.testing.assert_array_equal(got.times, times)
         np.testing.assert_allclose(got.strength, want, rtol=0, atol=1e-12)
@@ -368,7 +379,12 @@ def test_chunked_onset_strength_equals_the_whole_signal(seed):
                                rtol=0, atol=1e-12)
 
 
-def test_audio_onsets_of_a_file_equal_those_of_its_decoded_samples(audio_files):
+@pytest.mark.parametrize("keep", [None, 1000])
+def test_audio_onsets_of_a_file_equal_those_of_its_decoded_samples(audio_files, monkeypatch, keep):
+    from hpcwalk.job import audiofile
+
+    if keep:  # the amplitudes outgrow what is kept: the file is decoded twice
+        monkeypatch.setattr(audiofile, "KEEP_BYTES", keep)
     for ext in ("wav", "mp3"):
         whole = decode_audio(audio_files[ext])
         want, _, dur = _whole_signal_onsets(whole.astype(np.float64))
@@ -400,8 +416,8 @@ print(json.dumps({"peak_mib": int(hwm.split()[1]) / 1024, "hops": int(o.strength
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
 def test_ten_minutes_of_noise_are_analysed_in_bounded_memory(tmp_path):
     """The whole-signal code peaked at 1.14 GiB on these 10 minutes (VmHWM; 2.2 GiB on 20, MemoryError at 3 hours);
-    chunked it holds ~180 MiB of band amplitudes per hour plus ~100 MiB of STFT temporaries: ~195 MiB here
-    (the 3-hour figures: benchmarks/audio_memory.py)."""
+    chunked it holds the band amplitudes (~30 MiB here, ~180 MiB an hour, two passes beyond KEEP_BYTES) plus ~100 MiB
+    of STFT temporaries: ~195 MiB here (3 hours, two passes: 233 MiB, benchmarks/audio_memory.py)."""
     import json
     import subprocess
     import sys

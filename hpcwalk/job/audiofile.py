@@ -6,10 +6,12 @@
 
 A file is never held whole by `audio_onsets`: the decoder yields PyAV's frames one at a time and
 `OnsetAccumulator` turns them into STFT frames a chunk at a time, keeping only the window's overlap of
-samples and the per-hop band amplitudes (75 floats per 11.6 ms hop at the defaults: about 530 MiB for
-the longest file, MAX_AUDIO_S), because the log compression is relative to the loudest band of the
-whole signal, which is known only at the end. The chunked result equals the whole-signal formula up
-to float rounding (tests/test_pacing.py keeps the old whole-signal code as the reference).
+samples. The log compression is relative to the loudest band of the whole signal, known only at the
+end, so the per-hop band amplitudes are kept until then (75 floats per 11.6 ms hop at the defaults:
+~180 MiB an hour) up to KEEP_BYTES (about 20 minutes); a longer file is decoded a second time,
+normalised by the loudest band the first pass found, and its amplitudes are never kept (3 hours,
+MAX_AUDIO_S: ~200 MiB in all, twice the seconds). Either way the result equals the whole-signal
+formula up to float rounding (tests/test_pacing.py keeps the old whole-signal code as the reference).
 `hpcwalk.job.pacing` re-exports these names, where they were first documented.
 """
 
@@ -31,6 +33,7 @@ BANDS_FMIN = 30.0  # Hz: lowest band edge (below: rumble, DC)
 LOG_SCALE = 1000.0  # log(1 + LOG_SCALE a / max a): linear about 60 dB below the loudest band, log above
 MAX_AUDIO_S = 3 * 3600.0  # longest audio decoded (3 hours)
 CHUNK_HOPS = 4096  # STFT frames computed at once (about 48 s at the defaults; ~100 MiB of temporaries)
+KEEP_BYTES = 64 << 20  # band amplitudes kept for one pass (~21 minutes at the defaults); longer: two passes
 
 
 class AudioError(HpcwalkError, ValueError):
@@ -103,11 +106,18 @@ def decode_audio(path: str | os.PathLike, sample_rate: int = AUDIO_RATE) -> np.n
 
 
 def audio_onsets(path: str | os.PathLike, sample_rate: int = AUDIO_RATE) -> "Onsets":
-    """`onset_strength(decode_audio(path))` without holding the samples: the pieces go through an OnsetAccumulator."""
-    acc = OnsetAccumulator(sample_rate)
+    """`onset_strength(decode_audio(path))` without holding the samples: the pieces go through an OnsetAccumulator;
+    a file whose band amplitudes outgrow KEEP_BYTES is decoded again, normalised by the first pass's loudest band."""
+    acc = OnsetAccumulator(sample_rate, keep_bytes=KEEP_BYTES)
     for y in audio_pieces(path, sample_rate):
         acc.add(y)
-    return acc.finish()
+    top = acc.finish_top()  # the last frames first: they may overflow too
+    if not acc.overflowed:
+        return acc.finish()
+    again = OnsetAccumulator(sample_rate, top=top)
+    for y in audio_pieces(path, sample_rate):
+        again.add(y)
+    return again.finish()
 
 
 @dataclass(frozen=True)
@@ -149,10 +159,13 @@ class OnsetAccumulator:
 
     Keeps the samples not yet in a full chunk (at most CHUNK_HOPS hops plus the window's overlap,
     n_fft - hop) and the band amplitudes A_k (F, B) float64 until finish, which normalises them by
-    their maximum over the whole signal and takes the flux chunk by chunk.
+    their maximum over the whole signal and takes the flux chunk by chunk. With keep_bytes, once the
+    amplitudes would take more it drops them and only finds their maximum (`overflowed`, then
+    `finish_top()`): a second accumulator given that `top` takes the flux as the chunks come.
     """
 
-    def __init__(self, sample_rate: int = AUDIO_RATE, n_fft: int = N_FFT, hop: int = HOP, chunk_hops: int = CHUNK_HOPS):
+    def __init__(self, sample_rate: int = AUDIO_RATE, n_fft: int = N_FFT, hop: int = HOP, chunk_hops: int = CHUNK_HOPS,
+                 keep_bytes: int | None = None, top: float | None = None):
         for name, v in (("sample_rate", sample_rate), ("n_fft", n_fft), ("hop", hop), ("chunk_hops", chunk_hops)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -164,7 +177,14 @@ class OnsetAccumulator:
         self._bands = _band_matrix(self.n_fft, self.sample_rate)  # (n_bins, B)
         self._pending: list[np.ndarray] = [np.zeros(self.n_fft)]  # the zeros before the start
         self._pending_n = self.n_fft
-        self._amps: list[np.ndarray] = []  # (F_c, B) per chunk
+        self._amps: list[np.ndarray] = []  # (F_c, B) per chunk, while kept
+        self._kept = 0  # bytes in _amps
+        self._keep = keep_bytes
+        self.overflowed = False  # amplitudes dropped: only `top` is known at the end
+        self.top = 0.0 if top is None else float(top)  # the loudest band amplitude (given, or found so far)
+        self._given_top = top is not None
+        self._flux: list[np.ndarray] = [np.zeros(1)]  # o_0 = 0, then one piece per chunk
+        self._prev: np.ndarray | None = None  # the last level row of the chunk before
         self.samples = 0
 
     def add(self, y: np.ndarray) -> None:
@@ -186,27 +206,49 @@ class OnsetAccumulator:
             m = min(self.chunk_hops, avail - done)
             part = buf[done * self.hop:(done + m - 1) * self.hop + self.n_fft]
             mag = stft_magnitude(part, self.n_fft, self.hop)  # (m, n_fft // 2 + 1)
-            self._amps.append(np.sqrt((mag**2) @ self._bands))  # (m, B)
+            self._chunk(np.sqrt((mag**2) @ self._bands))  # (m, B)
             done += m
         rest = buf[done * self.hop:].copy()
         self._pending, self._pending_n = [rest], rest.size
 
-    def finish(self) -> Onsets:
+    def _chunk(self, amp: np.ndarray) -> None:
+        if self._given_top:
+            self._level_flux(amp)
+            return
+        self.top = max(self.top, float(amp.max()))
+        if self.overflowed:
+            return
+        self._amps.append(amp)
+        self._kept += amp.nbytes
+        if self._keep is not None and self._kept > self._keep:
+            self._amps, self._kept, self.overflowed = [], 0, True
+
+    def _level_flux(self, amp: np.ndarray) -> None:
+        """L = log1p(LOG_SCALE A / top) of one chunk, and its flux (from the chunk before's last row on)."""
+        level = np.log1p(LOG_SCALE * amp / self.top) if self.top > 0 else amp  # (F_c, B)
+        if self._prev is not None:
+            self._flux.append(np.maximum(level[:1] - self._prev, 0.0).mean(axis=1))
+        self._flux.append(np.maximum(np.diff(level, axis=0), 0.0).mean(axis=1))
+        self._prev = level[-1:]
+
+    def _close(self) -> None:
         if self.samples == 0:
             raise ValueError("onset_strength needs a non-empty finite 1-D signal, got shape (0,)")
         self._take(final=True)
-        amps, self._amps = self._amps, []
-        top = max(float(a.max()) for a in amps)
-        flux: list[np.ndarray] = [np.zeros(1)]  # o_0 = 0
-        prev = None
-        while amps:
-            a = amps.pop(0)  # freed as it is used
-            level = np.log1p(LOG_SCALE * a / top) if top > 0 else a  # (F_c, B)
-            if prev is not None:
-                flux.append(np.maximum(level[:1] - prev, 0.0).mean(axis=1))
-            flux.append(np.maximum(np.diff(level, axis=0), 0.0).mean(axis=1))
-            prev = level[-1:]
-        strength = np.concatenate(flux)  # (F,)
+
+    def finish_top(self) -> float:
+        """After the last add: the largest band amplitude of the whole signal (for a second, `top=` pass)."""
+        self._close()
+        return self.top
+
+    def finish(self) -> Onsets:
+        """After the last add: the onsets. Not after an overflow (the amplitudes are gone: see finish_top)."""
+        self._close()
+        if self.overflowed:
+            raise RuntimeError("the band amplitudes outgrew keep_bytes: pass finish_top() as top= to a second pass")
+        while self._amps:
+            self._level_flux(self._amps.pop(0))  # freed as it is used
+        strength = np.concatenate(self._flux)  # (F,)
         times = np.arange(strength.size) * self.hop / self.sample_rate
         return Onsets(strength, times, self.samples / self.sample_rate)
 
