@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hpcwalk.core import metrics
+from hpcwalk.job.audiofile import OnsetAccumulator, audio_onsets
 from hpcwalk.job.pacing import EASINGS, AudioError, audio_gammas, chord_distance, decode_audio, ease, even_gammas, onset_strength, pixel_distances, reuse_index, stft_magnitude
 from jobs import write_audio
 
@@ -319,3 +320,123 @@ def test_decode_audio_errors(tmp_path):
     with pytest.raises(AudioError) as e:  # one line, naming the file
         decode_audio(text)
     assert "\n" not in str(e.value) and "notes.mp3" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# bounded memory: the onset strength chunk by chunk equals the whole-signal formula
+# ---------------------------------------------------------------------------------------------
+
+
+def _whole_signal_onsets(x, sample_rate=22_050, n_fft=1024, hop=256):
+    """The whole-signal code onset_strength had before it was chunked (it needed ~7 GiB at 3 hours): the reference."""
+    from hpcwalk.job.audiofile import LOG_SCALE, _band_matrix
+
+    mag = stft_magnitude(np.concatenate((np.zeros(n_fft), x)), n_fft, hop)
+    amp = np.sqrt((mag**2) @ _band_matrix(n_fft, sample_rate))
+    top = amp.max()
+    level = np.log1p(LOG_SCALE * amp / top) if top > 0 else amp
+    strength = np.concatenate(([0.0], np.maximum(np.diff(level, axis=0), 0.0).mean(axis=1)))
+    return strength, np.arange(strength.size) * hop / sample_rate, x.size / sample_rate
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_chunked_onset_strength_equals_the_whole_signal(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(50_000, 400_000))
+    # noise whose loudness wanders over 60 dB, clicks, a silent stretch, a length that is no multiple of the hop
+    x = rng.standard_normal(n) * np.exp(np.cumsum(rng.standard_normal(n)) / 300)
+    x[rng.integers(0, n, 20)] += 5.0
+    x[n // 3: n // 3 + 20_000] = 0.0
+    x = (x / np.abs(x).max()).astype(np.float32).astype(np.float64)
+    want, times, dur = _whole_signal_onsets(x)
+    chunk = int(rng.choice([1, 3, 7, 64, 1000]))  # frames per chunk: boundaries everywhere, one frame at a time too
+    sizes = rng.choice([1, 255, 256, 1023, 1025, 4097, 30_001], n)  # pieces of any size, as PyAV's frames come
+
+    def fed(acc):
+        i = 0
+        for k in sizes:
+            if i >= n:
+                return acc
+            acc.add(x[i:i + k])
+            i += k
+        return acc
+
+    one = fed(OnsetAccumulator(chunk_hops=chunk))
+    first = fed(OnsetAccumulator(chunk_hops=chunk, keep_bytes=10_000))  # two passes: the top, then the flux
+    assert first.overflowed and not one.overflowed
+    second = fed(OnsetAccumulator(chunk_hops=int(rng.choice([2, 5, 4096])), top=first.finish_top()))
+    with pytest.raises(RuntimeError, match="second pass"):
+        first.finish()
+    for got in (one.finish(), second.finish(), onset_strength(x)):
+        assert got.strength.shape == want.shape and got.duration_s == dur
+        np.testing.assert_array_equal(got.times, times)
+        np.testing.assert_allclose(got.strength, want, rtol=0, atol=1e-12)
+    o = onset_strength(x)
+    fps = 24.0
+    frames = int(dur * fps) - 1
+    old = type(o)(want, times, dur)
+    np.testing.assert_allclose(audio_gammas(o, frames, fps, 0.25, 0.01), audio_gammas(old, frames, fps, 0.25, 0.01),
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("keep", [None, 1000])
+def test_audio_onsets_of_a_file_equal_those_of_its_decoded_samples(audio_files, monkeypatch, keep):
+    from hpcwalk.job import audiofile
+
+    if keep:  # the amplitudes outgrow what is kept: the file is decoded twice
+        monkeypatch.setattr(audiofile, "KEEP_BYTES", keep)
+    for ext in ("wav", "mp3"):
+        whole = decode_audio(audio_files[ext])
+        want, _, dur = _whole_signal_onsets(whole.astype(np.float64))
+        got = audio_onsets(audio_files[ext])
+        assert got.duration_s == dur
+        np.testing.assert_allclose(got.strength, want, rtol=0, atol=1e-12)
+
+
+def test_onsets_of_short_signals():
+    for n in (1, 255, 256, 257, 1024):
+        x = np.random.default_rng(n).standard_normal(n)
+        want, times, _ = _whole_signal_onsets(x)
+        got = onset_strength(x)
+        np.testing.assert_allclose(got.strength, want, rtol=0, atol=1e-12)
+        assert got.times.size == n // 256 + 1
+
+
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child forked by pytest (torch loaded: ~500 MiB)
+# would start with the parent's peak; VmHWM is the new program's own.
+MEMORY_CHILD = r"""
+import json, sys
+from hpcwalk.job.audiofile import audio_onsets
+o = audio_onsets(sys.argv[1])
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+print(json.dumps({"peak_mib": int(hwm.split()[1]) / 1024, "hops": int(o.strength.size)}))
+"""
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
+def test_ten_minutes_of_noise_are_analysed_in_bounded_memory(tmp_path):
+    """The whole-signal code peaked at 1.14 GiB on these 10 minutes (VmHWM; 2.2 GiB on 20, MemoryError at 3 hours);
+    chunked it holds the band amplitudes (~30 MiB here, ~180 MiB an hour, two passes beyond KEEP_BYTES) plus ~100 MiB
+    of STFT temporaries: ~195 MiB here (3 hours, two passes: 233 MiB, benchmarks/audio_memory.py)."""
+    import json
+    import subprocess
+    import sys
+    import wave
+    from pathlib import Path
+
+    path, rate, seconds = tmp_path / "noise.wav", 22_050, 600
+    rng = np.random.default_rng(0)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        for _ in range(seconds // 60):
+            w.writeframes((rng.standard_normal(60 * rate) * 3000).astype("<i2").tobytes())
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(path)], cwd=root, capture_output=True, text=True,
+                       timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    print(res)
+    assert res["hops"] == seconds * rate // 256 + 1
+    assert res["peak_mib"] < 400, res

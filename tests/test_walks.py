@@ -49,6 +49,15 @@ def clicks(path, times=(0.5, 1.2, 2.0), seconds: float = 3.0, rate: int = 22050)
     write_audio(path, y[None], rate, "pcm_s16le", "s16")
 
 
+def bad_floats(folder) -> None:
+    """nan.wav (22.05 kHz) and inf.wav (44.1 kHz: resampled) in `folder`: 32-bit float WAVs, 2 s of silence with
+    one NaN, one +Inf sample at 1.5 s (a float WAV can hold them; the decoder used to pass them to a traceback)."""
+    for name, rate, bad in (("nan", 22050, np.nan), ("inf", 44100, np.inf)):
+        y = np.zeros((1, 2 * rate), np.float32)
+        y[0, int(1.5 * rate)] = bad
+        write_audio(os.path.join(folder, f"{name}.wav"), y, rate, "pcm_f32le", "flt")
+
+
 def job_of(*walks: dict, source: str = "<dict>", **tables):
     d = copy.deepcopy(BASE)
     for k, v in tables.items():
@@ -205,6 +214,9 @@ BAD = [
     ("audio-fps", {**LAT, "pace": "audio", "audio": "beat.wav", "audio_fps": 1e9}, {}, "audio_fps must be <= 240", ""),
     ("audio-floor", {**LAT, "pace": "audio", "audio": "beat.wav", "audio_floor": 0}, {}, "audio_floor must be > 0", ""),
     ("audio-without-pace", {**LAT, "audio": "beat.wav"}, {}, 'is used by pace = "audio" only', ""),
+    ("audio-nan", {**LAT, "pace": "audio", "audio": "nan.wav"}, {}, "nan.wav' holds NaN or infinite samples (the first "
+     "at 1.500 s)", "replace or re-export the file with finite samples"),
+    ("audio-inf", {**LAT, "pace": "audio", "audio": "inf.wav"}, {}, "inf.wav' holds NaN or infinite samples", "finite"),
     ("keyframes-one", {"kind": "keyframes", "keyframes": [{"prompt": "a", "seed": 1}]}, {}, "at least 2 keyframes", ""),
     ("keyframes-last-frames", {"kind": "keyframes", "keyframes": [{"prompt": "a", "seed": 1, "frames": 3},
                                                                    {"prompt": "b", "seed": 2, "frames": 3}]}, {},
@@ -224,6 +236,7 @@ BAD = [
 def test_bad_new_keys_exit_2_and_write_nothing(tmp_path, name, walk_table, tables, needle, needle2):
     pictures(tmp_path)
     clicks(tmp_path / "beat.wav", times=(0.5, 1.2), seconds=2.0)
+    bad_floats(tmp_path)
     d = copy.deepcopy(BASE)
     for k, v in tables.items():
         d[k] = {**d.get(k, {}), **v}

@@ -6,6 +6,7 @@ but the job's own inputs.
   parse.py      TOML -> RenderJob (tables, walks)        walkkeys.py  the per-kind walk keys
   plan.py       RenderJob -> FramePlan -> [Shard] (placement, keyframes, segments)
   pacing.py     easing, even pacing and audio pacing math  imagefile.py  image inputs of a walk
+  audiofile.py  audio inputs: decoding and onset strength, streamed in bounded memory
   studyspec.py  the [study] table -> Study
 
 Stable import paths (documented for users): `hpcwalk.job.load_job`, `hpcwalk.job.parse_job`,

@@ -8,18 +8,19 @@ tensor, a file of frames or the job: the caller renders the frames and passes wh
     even_gammas(coarse, d, n)             n gammas, each step an equal share of the measured path
     audio_gammas(onset_strength(y), n)    n gammas moving fastest where the music has its onsets
 
-Audio is decoded with PyAV (`decode_audio`); the onset strength is a numpy STFT's spectral flux.
+Audio is decoded with PyAV and its onset strength (a numpy STFT's spectral flux) computed in bounded
+memory in `hpcwalk.job.audiofile` (`audio_onsets`, `decode_audio`, `onset_strength`), re-exported here.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from hpcwalk.core.errors import HpcwalkError, first_line
+from hpcwalk.job.audiofile import (  # noqa: F401 (re-exported: the audio names documented here first)
+    AUDIO_RATE, BANDS_FMIN, BANDS_PER_OCTAVE, HOP, LOG_SCALE, MAX_AUDIO_S, N_FFT, AudioError, Onsets, audio_onsets,
+    decode_audio, onset_strength, stft_magnitude)
 from hpcwalk.job.bounds import EXPONENT_RANGE
 from hpcwalk.job.bounds import MAX_AUDIO_FPS as MAX_FPS
 
@@ -30,14 +31,6 @@ PACE_METHODS = ("pchip", "linear")
 PaceMethod = Literal["pchip", "linear"]
 MAX_FRAMES = 1_000_000  # gammas asked of one call (the job's plan bound is far lower)
 PCHIP_DENSITY = 256  # points per coarse step at which the PCHIP curve is evaluated and inverted
-
-AUDIO_RATE = 22_050  # Hz: decoding rate of `decode_audio` (onsets need no more than 11 kHz of band)
-N_FFT = 1024  # 46 ms window at 22.05 kHz
-HOP = 256  # 11.6 ms between envelope samples at 22.05 kHz
-BANDS_PER_OCTAVE = 12  # log-spaced bands of the onset strength
-BANDS_FMIN = 30.0  # Hz: lowest band edge (below: rumble, DC)
-LOG_SCALE = 1000.0  # log(1 + LOG_SCALE a / max a): linear about 60 dB below the loudest band, log above
-MAX_AUDIO_S = 3 * 3600.0  # longest audio decoded (3 hours)
 
 
 def _finite(x: float, what: str) -> float:
@@ -193,117 +186,8 @@ def reuse_index(final: np.ndarray, coarse: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Audio: decoding, onset strength, pacing by onsets
+# 3. Audio: pacing by onsets (decoding and the onset strength: hpcwalk.job.audiofile)
 # ---------------------------------------------------------------------------------------------
-
-
-class AudioError(HpcwalkError, ValueError):
-    """An audio file cannot be used; the message names the file and the fix."""
-
-
-def decode_audio(path: str | os.PathLike, sample_rate: int = AUDIO_RATE) -> np.ndarray:
-    """The file's first audio stream, mixed to mono and resampled by PyAV (FFmpeg): (N,) float32 in [-1, 1]
-
-    Any container and codec FFmpeg reads (WAV, MP3, AAC/M4A, FLAC, Opus, a video's soundtrack).
-    One-line AudioError for a missing file, a file that is not audio, a file without an audio
-    stream, a damaged stream, no samples, or more than MAX_AUDIO_S seconds.
-    """
-    import av
-
-    p = os.fspath(path)
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or not 1000 <= sample_rate <= 192_000:
-        raise AudioError(f"sample rate must be an int in 1000..192000 Hz, got {sample_rate!r}")
-    if not os.path.isfile(p):
-        raise AudioError(f"audio file {p!r} not found: check the path")
-    try:
-        container = av.open(p)
-    except (av.FFmpegError, UnicodeDecodeError) as e:
-        raise AudioError(f"{p!r} is not an audio file FFmpeg can read ({first_line(e)}): "
-                         "pass a WAV, MP3, AAC, FLAC or Opus file") from None
-    limit = int(MAX_AUDIO_S * sample_rate)
-    chunks: list[np.ndarray] = []
-    with container:
-        if not container.streams.audio:
-            raise AudioError(f"{p!r} has no audio stream: pass a file with sound (a WAV, MP3, or a video with a soundtrack)")
-        stream = container.streams.audio[0]
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-        total = 0
-        try:
-            for frame in container.decode(stream):
-                for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))  # packed flt mono: (1, n)
-                    total += chunks[-1].size
-                if total > limit:
-                    raise AudioError(f"{p!r} is longer than {MAX_AUDIO_S:g} s: cut it to the part the walk is timed to")
-            for out in resampler.resample(None):  # flush the resampler
-                chunks.append(out.to_ndarray().reshape(-1))
-        except av.FFmpegError as e:
-            raise AudioError(f"{p!r}: the audio stream is damaged ({first_line(e)}): re-encode or replace the file") from None
-    y = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-    if y.size == 0:
-        raise AudioError(f"{p!r} holds no audio samples: pass a file with sound")
-    return y
-
-
-@dataclass(frozen=True)
-class Onsets:
-    """Onset strength o_k of a signal, one value per hop, with the time each value ends at."""
-
-    strength: np.ndarray  # (F,) float64 >= 0: how much louder (log, per band) frame k got than frame k-1
-    times: np.ndarray  # (F,) seconds: end of frame k's window, k * hop / rate
-    duration_s: float  # length of the signal
-
-
-def onset_strength(y: np.ndarray, sample_rate: int = AUDIO_RATE, n_fft: int = N_FFT, hop: int = HOP) -> Onsets:
-    """o_k = mean_b max(0, L_k(b) - L_{k-1}(b)), L_k(b) = log(1 + LOG_SCALE A_k(b) / max A); o_0 = 0
-
-    y: (N,) mono samples. STFT (`stft_magnitude`): frame k is y[k hop - n_fft : k hop] (zeros before
-    the start) times a periodic Hann window. A_k(b) = sqrt(sum of |X_k(f)|^2 over the bins f of band
-    b): BANDS_PER_OCTAVE log-spaced bands from BANDS_FMIN Hz to Nyquist (a band narrower than a
-    bin takes its bin; bins below BANDS_FMIN are left out). The log compression is linear far
-    below the loudest band of the whole signal (LOG_SCALE = 1000: about 60 dB down), so faint noise
-    and hiss add little flux, and logarithmic above it, so an onset counts by its relative rise in
-    quiet and loud passages alike (the log-filtered spectral flux of Boeck et al.; banding keeps the
-    per-bin fluctuations of noise from reading as onsets). The flux rises in the hop a sound starts,
-    so o_k is stamped with the time its window ends, k hop / rate: an onset at t shows up 0-2 hops
-    later (0-23 ms at the defaults), where a window-centred stamp would put it n_fft / 2 early.
-    """
-    x = np.asarray(y, dtype=np.float64)
-    if x.ndim != 1 or x.size == 0 or not np.isfinite(x).all():
-        raise ValueError(f"onset_strength needs a non-empty finite 1-D signal, got shape {x.shape}")
-    for name, v in (("sample_rate", sample_rate), ("n_fft", n_fft), ("hop", hop)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if not 16 <= n_fft <= 65536:
-        raise ValueError(f"n_fft must lie in 16..65536, got {n_fft}")
-    if not 1 <= hop <= n_fft:
-        raise ValueError(f"hop must lie in 1..n_fft ({n_fft}), got {hop}")
-    mag = stft_magnitude(np.concatenate((np.zeros(n_fft), x)), n_fft, hop)  # (F, n_fft // 2 + 1), F = N // hop + 1
-    amp = np.sqrt((mag**2) @ _band_matrix(n_fft, sample_rate))  # (F, B)
-    top = amp.max()
-    level = np.log1p(LOG_SCALE * amp / top) if top > 0 else amp  # (F, B)
-    flux = np.maximum(np.diff(level, axis=0), 0.0).mean(axis=1)  # (F - 1,)
-    strength = np.concatenate(([0.0], flux))  # (F,)
-    times = np.arange(strength.size) * hop / sample_rate
-    return Onsets(strength, times, x.size / sample_rate)
-
-
-def _band_matrix(n_fft: int, sample_rate: int) -> np.ndarray:
-    """W[f, b] = 1 where rfft bin f lies in band b = floor(BANDS_PER_OCTAVE log2(freq / BANDS_FMIN)): (n_fft // 2 + 1, B)"""
-    freqs = np.arange(n_fft // 2 + 1) * sample_rate / n_fft  # (n_bins,)
-    keep = freqs >= BANDS_FMIN
-    band = np.floor(BANDS_PER_OCTAVE * np.log2(np.where(keep, freqs, BANDS_FMIN) / BANDS_FMIN)).astype(np.int64)
-    used, col = np.unique(band[keep], return_inverse=True)  # drop bands no bin falls in
-    w = np.zeros((freqs.size, used.size))
-    w[np.flatnonzero(keep), col] = 1.0
-    return w
-
-
-def stft_magnitude(x: np.ndarray, n_fft: int, hop: int) -> np.ndarray:
-    """|X_k(f)| = |sum_n x[k hop + n] w[n] e^(-2 pi i f n / n_fft)|, w periodic Hann: (N,) -> (1 + (N - n_fft) // hop, n_fft // 2 + 1)"""
-    frames = np.lib.stride_tricks.sliding_window_view(np.asarray(x, np.float64), n_fft)[::hop]  # (F, n_fft)
-    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)  # (n_fft,)
-    return np.abs(np.fft.rfft(frames * window, axis=1))
 
 
 def audio_gammas(onsets: Onsets, frames: int, fps: float, floor: float = 0.25, start_s: float = 0.0) -> np.ndarray:

@@ -99,10 +99,10 @@ def check_image_file(where: str, path: Any, height: int, width: int) -> tuple[st
 def check_audio_file(where: str, path: Any) -> tuple[str, Any]:
     """An audio file to time a walk to: decodable by PyAV, with samples, at most 3 hours; returns (sha256, onsets)."""
     from hpcwalk.job.imagefile import image_sha256
-    from hpcwalk.job.pacing import AudioError, decode_audio, onset_strength
+    from hpcwalk.job.audiofile import AudioError, audio_onsets
 
     try:
-        onsets = onset_strength(decode_audio(path))  # first: its errors name what is wrong with the file
+        onsets = audio_onsets(path)  # first: its errors name what is wrong with the file; streamed, bounded memory
         return image_sha256(path), onsets
     except AudioError as e:
         raise JobError(f"{where}: {e}") from None
