@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from hpcwalk.cli.common import VerifyOption, app, fail_io, level_of, refused
+from hpcwalk.core import interrupt
 from hpcwalk.store.verify import DEFAULT_LEVEL
 
 
@@ -93,7 +94,8 @@ def verify_cmd(
             typer.echo(f"{damaged_run}: rerun the render with the run's own job file into {run_dir} (it writes "
                        "run.json again when the shards carry that job's fingerprint), or restore it from a copy")
         if bad and repair:  # 3. repair: remove what is bad; the next render renders exactly that
-            removed = remove_damaged(filesystem(run_dir)[0], bad)
+            with interrupt.deferred():  # SIGTERM/SIGINT: every removal done, then the stop (a few unlinks)
+                removed = remove_damaged(filesystem(run_dir)[0], bad)
             typer.echo(f"repaired: removed {len(removed)} files; rerun the render or study into {run_dir} to "
                        f"render the {len(shards.damaged)} removed shards again")
         elif bad:
