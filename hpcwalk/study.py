@@ -32,6 +32,7 @@ from typing import Any
 import pyarrow as pa
 
 from hpcwalk.analyse.interpscore import analysed_pairs, summarize, walk_table
+from hpcwalk.core import interrupt
 from hpcwalk.core.errors import JobError
 from hpcwalk.job.plan import plan
 from hpcwalk.job.studyspec import Study
@@ -76,7 +77,9 @@ def run_study(study: Study, out: str, overwrite: bool = False, progress: bool = 
                                  f"writing its report; writing {'it' if len(missing) == 1 else 'them'} now"),
                       stacklevel=2)
     # 2. the analysis of what is committed and verified
-    files, left_out = analyse(study, out, verify, progress)
+    with interrupt.reporting(lambda: f"all {len(shards)} shards committed in {out}; the analysis was not finished "
+                                     "(study.parquet, study.json and report.html are each whole or absent)"):
+        files, left_out = analyse(study, out, verify, progress)
     return StudyResult("done", summary, files, left_out)
 
 

@@ -122,7 +122,8 @@ def run_trials(script: str, tmp: str, seed: int) -> dict:
     import os
 
     here = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    path = [os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]  # this checkout's hpcwalk, not an installed one
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in path if p)}
     proc = subprocess.run([sys.executable, script, str(tmp), str(seed)], capture_output=True, text=True,
                           timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

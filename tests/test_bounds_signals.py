@@ -123,15 +123,47 @@ def test_lock_path_that_is_a_folder(rendered):
             shutil.rmtree(lock)
 
 
-def test_lock_of_this_slurm_job_is_taken_over_at_once(rendered, monkeypatch):
+def test_lock_of_this_slurm_job_before_its_requeue_is_taken_over_at_once(rendered, monkeypatch):
+    """A requeued job's next run ($SLURM_RESTART_COUNT one higher) takes over the lock its previous run left
+    (here even with a live pid); a sibling driver of the same run of the job (same count) is judged as any
+    driver: alive on this host, refused."""
+    import subprocess
+
     job, run = rendered
     lock = run / ".hpcwalk.lock"
+    render = ["render", str(job), "--out", str(run), "--no-progress"]
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    lock.write_bytes(_lock_of({"slurm_job_id": "4242"}))  # our own pid: alive, yet the same job
-    r = invoke("render", str(job), "--out", str(run), "--no-progress")
-    assert r.exit_code == 0 and not lock.exists(), r.output
-    lock.write_bytes(_lock_of({"slurm_job_id": "17"}))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    for fields in ({"slurm_job_id": "4242"}, {"slurm_job_id": "4242", "slurm_restart_count": 0}):
+        lock.write_bytes(_lock_of(fields))  # our own pid: alive, yet the same job before its requeue
+        r = invoke(*render)
+        assert r.exit_code == 0 and not lock.exists(), r.output
+        assert "before it was requeued (restart count 0, now 1)" in r.output, r.output
     try:
-        assert invoke("render", str(job), "--out", str(run), "--no-progress").exit_code == 2
+        lock.write_bytes(_lock_of({"slurm_job_id": "4242", "slurm_restart_count": 1}))  # a live sibling
+        _one_line_error(invoke(*render), "refusing to start a second driver")
+        lock.write_bytes(_lock_of({"slurm_job_id": "17", "slurm_restart_count": 0}))  # another job's
+        _one_line_error(invoke(*render), "refusing to start a second driver")
+        monkeypatch.delenv("SLURM_RESTART_COUNT")  # the job's first run: count 0, as the lock's
+        lock.write_bytes(_lock_of({"slurm_job_id": "4242"}))
+        _one_line_error(invoke(*render), "refusing to start a second driver")
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        lock.write_bytes(_lock_of({"slurm_job_id": "4242", "pid": dead.pid}))  # a sibling that died: stale
+        r = invoke(*render)
+        assert r.exit_code == 0 and not lock.exists() and "is no longer running" in r.output, r.output
     finally:
         lock.unlink(missing_ok=True)
+
+
+def test_lock_records_the_slurm_restart_count(tmp_path, monkeypatch):
+    from hpcwalk.store.runlock import RunLock, valid_holder
+
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    with RunLock(str(tmp_path / "run")).hold(create=True) as lock:
+        holder, _ = lock.read()
+        assert holder["slurm_job_id"] == "7" and holder["slurm_restart_count"] == 3
+    assert not (tmp_path / "run" / ".hpcwalk.lock").exists()
+    for bad in ("3", -1, 1.5, None):
+        assert valid_holder({**holder, "slurm_restart_count": bad}) is None

@@ -34,6 +34,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from hpcwalk.core import interrupt
 from hpcwalk.core.errors import JobError, StoreError
 from hpcwalk.core.fsio import filesystem, write_atomic
 from hpcwalk.job.bounds import DEVICE_RE, MAX_CLIP_BATCH, MAX_PROMPT_CHARS, check_text
@@ -133,10 +134,22 @@ def score_run(run: str, model: str, pretrained: str, device: str = "cpu", dtype:
     done = {c.name for c in check_shards(fs, root, verify, data_dir="data") if c.ok}
     frames_shards = verify_run(run, verify)
     frames_shards.warn()
-    run_fs, _ = filesystem(run)
     summary = ScoreSummary(out, scorer.name)
     t0 = time.perf_counter()
-    for path in frames_shards.files:
+    with interrupt.reporting(lambda: f"{summary.already_committed + summary.shards_scored} of "
+                                     f"{len(frames_shards.files)} shards scored in {out}"):
+        _score_shards(run, fs, root, frames_shards.files, done, scorer, batch_size, progress, prompt, fingerprint, summary)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _score_shards(run: str, fs: pafs.FileSystem, root: str, files: list[str], done: set[str], scorer: ClipScorer,
+                  batch_size: int, progress: Callable[[int], None] | None, prompt: str | None, fingerprint: Any,
+                  summary: ScoreSummary) -> None:
+    """Score each frames shard not scored yet; its data file and marker are written together (a SIGTERM
+    between them waits for the marker)."""
+    run_fs, _ = filesystem(run)
+    for path in files:
         name = path.rpartition("/")[2][: -len(".parquet")]
         if name in done:
             summary.already_committed += 1
@@ -154,14 +167,13 @@ def score_run(run: str, model: str, pretrained: str, device: str = "cpu", dtype:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         data = buf.getvalue()
-        write_atomic(fs, f"{root}/data/{name}.parquet", data)
-        write_atomic(fs, f"{root}/commits/{name}.done.json", json.dumps(
-            {"rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}).encode())
-        summary.shards_scored += 1
-        summary.frames += table.num_rows
-        summary.files.append(f"{root}/data/{name}.parquet")
-    summary.seconds = time.perf_counter() - t0
-    return summary
+        with interrupt.deferred():
+            write_atomic(fs, f"{root}/data/{name}.parquet", data)
+            write_atomic(fs, f"{root}/commits/{name}.done.json", json.dumps(
+                {"rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}).encode())
+            summary.shards_scored += 1
+            summary.frames += table.num_rows
+            summary.files.append(f"{root}/data/{name}.parquet")
 
 
 def score_table(scorer: ClipScorer, frames: pa.Table, batch_size: int = 32,

@@ -14,8 +14,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator, Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 
+from hpcwalk.core import interrupt
 from hpcwalk.core.errors import HpcwalkError
 from hpcwalk.job.spec import DTYPES
 from hpcwalk.store.verify import DEFAULT_LEVEL, RunWarning, check_level
@@ -24,7 +27,45 @@ if TYPE_CHECKING:  # annotations only: the executors (and torch) load when a com
     from hpcwalk.job.spec import RenderJob
     from hpcwalk.run.base import ExecutorOptions
 
+class _Commands(TyperGroup):
+    """The command group: every command runs with SIGTERM and SIGINT stopping it at a safe point (one line)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        resume = resume_command([*ctx._protected_args, *ctx.args])  # before the group consumes them
+        with interrupt.handling(last_words(resume)):
+            try:
+                return super().invoke(ctx)
+            except interrupt.Interrupted as e:
+                stopped(e, resume)
+
+
+def resume_command(args: list[str]) -> str:
+    """The command that picks up where a stopped one left off: the same one, without --overwrite."""
+    import shlex
+
+    return "hpcwalk " + shlex.join(a for a in args if a != "--overwrite")
+
+
+def last_words(resume: str) -> Callable[[int], str]:
+    """The line of a command that a second signal stopped at once (hpcwalk/core/interrupt.py: stop_now)."""
+    return lambda signum: _stop_line(signum, "stopped at once (a second signal); committed files are whole, "
+                                     "one being written is left under its temporary name", resume)
+
+
+def _stop_line(signum: int, state: str, resume: str) -> str:
+    return f"interrupted ({interrupt.Interrupted(signum).name}): {state}; resume with: {resume}"
+
+
+def stopped(e: interrupt.Interrupted, resume: str) -> None:
+    """The one line of a command stopped by SIGTERM or SIGINT, after its locks are released; exit 128 + signum
+    (143 for SIGTERM, 130 for SIGINT)."""
+    interrupt.run_cleanups()  # what no finally released (normally nothing: the lock's own finally did)
+    typer.echo(_stop_line(e.signum, e.state(), resume), err=True)
+    raise typer.Exit(e.exit_code)
+
+
 app = typer.Typer(
+    cls=_Commands,
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,  # help texts name TOML tables like [render]: printed as written, not as markup

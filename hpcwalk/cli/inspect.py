@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from hpcwalk.cli.common import VerifyOption, app, fail_io, level_of, refused
+from hpcwalk.core import interrupt
 from hpcwalk.store.verify import DEFAULT_LEVEL
 
 
@@ -104,7 +105,8 @@ def verify_cmd(
                        "run.json again when the shards carry that job's fingerprint), or restore it from a copy")
         if bad and repair and not shards.run_mismatch:  # 3. repair: remove what is bad and ours, move what is not
             fs, root = filesystem(run_dir)  # ours; the next render renders exactly that
-            removed, moved = remove_damaged(fs, bad), quarantine(fs, root, bad)
+            with interrupt.deferred():  # SIGTERM/SIGINT: every removal and move done, then the stop
+                removed, moved = remove_damaged(fs, bad), quarantine(fs, root, bad)
             again = len([c for c in shards.damaged if c.index is not None and c.state != "extra"])
             typer.echo(f"repaired: removed {len(removed)} files"
                        + (f", moved {len(moved)} files that are not this run's into {run_dir}/quarantine/" if moved else "")

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from hpcwalk.cli.common import ProgressOption, VerifyOption, app, fail, level_of, refused
+from hpcwalk.core import interrupt
 from hpcwalk.job.spec import DTYPES
 from hpcwalk.store.verify import DEFAULT_LEVEL
 
@@ -58,15 +59,17 @@ def video(
             typer.echo(f"warning: {line}", err=True)
         # 2. one video per walk (with no --walk, walks lacking frames or a --method are skipped, and said so)
         written = 0
-        for w in walks:
-            tracks = index.tracks(w)
-            lacking = [m for m in method or [] if m not in {t.label for t in tracks}]
-            if not walk and (lacking or not any(t.rows.num_rows for t in tracks)):
-                why = f"no method {', '.join(lacking)}" if lacking else "no committed frames yet"
-                typer.echo(f"skipped walk {w!r}: {why}", err=True)
-                continue
-            typer.echo(write_video(index, w, out, method, per_walk[w]).describe())
-            written += 1
+        with interrupt.reporting(lambda: f"{written} of {len(walks)} videos written (one being encoded when "
+                                         "stopped is dropped, its temporary file removed)"):
+            for w in walks:
+                tracks = index.tracks(w)
+                lacking = [m for m in method or [] if m not in {t.label for t in tracks}]
+                if not walk and (lacking or not any(t.rows.num_rows for t in tracks)):
+                    why = f"no method {', '.join(lacking)}" if lacking else "no committed frames yet"
+                    typer.echo(f"skipped walk {w!r}: {why}", err=True)
+                    continue
+                typer.echo(write_video(index, w, out, method, per_walk[w]).describe())
+                written += 1
         if not written:
             fail(f"no walk of {run_dir!r} has committed frames" + (f" for method {', '.join(method)}" if method else ""))
 
@@ -93,7 +96,10 @@ def view(
         check_out(out or default_out(index))
         for line in index.missing_report():
             typer.echo(f"warning: {line}", err=True)
-        with tqdm(total=index.table.num_rows, unit="frame", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
+        where = out or default_out(index)
+        with tqdm(total=index.table.num_rows, unit="frame", file=sys.stderr, disable=not sys.stderr.isatty()) as bar, \
+                interrupt.reporting(lambda: f"the viewer in {where} is not finished (its index.html is written last; "
+                                            "no file is left half-written)"):
             typer.echo(build_viewer(index, out, thumb_size=thumb_size, progress=bar.update).describe())
 
 

@@ -14,6 +14,7 @@ by whoever rendered it. Only `ShardResult`s (a few numbers) travel back to the d
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -22,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
+from hpcwalk.core import interrupt
 from hpcwalk.core.fsio import filesystem
 from hpcwalk.job.spec import RenderJob, Shard
 from hpcwalk.render.engine import Renderer
@@ -250,6 +252,19 @@ def run_render(job: RenderJob, out: str, shards: Sequence[Shard], overwrite: boo
     live driver's lock refuses this one (RunLocked); a stale lock is taken over with a RunWarning."""
     ex = make_executor(executor, factory)  # options are checked before anything else
     lock = RunLock(out)
+    with interrupt.reporting(lambda: committed_line(out, shards)):  # SIGTERM/SIGINT: what the stop line says
+        return _run(job, out, shards, overwrite, progress, ex, lock, verify)
+
+
+def committed_line(out: str, shards: Sequence[Shard]) -> str:
+    """How much of the plan is committed in `out` (quick check: marker and size), for a stopped run's line."""
+    planned = {s.index for s in shards}
+    done = verify_run(out, "quick").indices & planned if os.path.isdir(out) or "://" in out else set()
+    return f"{len(done)} of {len(planned)} shards committed in {out}"
+
+
+def _run(job: RenderJob, out: str, shards: Sequence[Shard], overwrite: bool, progress: bool, ex: Executor,
+         lock: RunLock, verify: VerifyLevel) -> RunSummary:
     try:
         # 1. one driver per run folder: an existing folder is locked first (a new one once it is created)
         if lock.folder_exists():

@@ -30,6 +30,7 @@ import time
 from collections import defaultdict, deque
 from typing import Any, Callable, Sequence
 
+from hpcwalk.core import interrupt
 from hpcwalk.core.errors import first_line
 from hpcwalk.job.spec import RenderJob, Shard
 from hpcwalk.run.base import (
@@ -153,6 +154,8 @@ class RayExecutor:
                     "~/.ray/auth_token; `ray get-auth-token` on the head prints it)") from None
             raise ExecutorError(f"cannot connect to Ray ({addr}): {str(e).splitlines()[0]}; start a head with "
                                 "`ray start --head`, or fix --ray") from None
+        finally:
+            interrupt.install()  # ray.init replaces the SIGTERM handler (sys.exit): ours stops at a safe point
         self._owns_ray = True
 
     def _spawn(self) -> None:

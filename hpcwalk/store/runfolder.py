@@ -15,11 +15,10 @@ from hpcwalk.core.fsio import filesystem, write_atomic
 from hpcwalk.job.spec import RenderJob
 from hpcwalk.store.reader import INVERSIONS_DIR, DamagedRunJson, read_run_json, shards_of
 from hpcwalk.store.schema import run_metadata
-from hpcwalk.store.verify import COMMITS_DIR, FRAMES_DIR, LOCK_NAME, RunWarning
+from hpcwalk.store.verify import COMMITS_DIR, FRAMES_DIR, LOCK_NAME, QUARANTINE_DIR, RunWarning
 from hpcwalk.store.writer import run_json_bytes
 
 PACING_DIR = "pacing"  # evenly paced walks' plans (run/evenpace.py)
-QUARANTINE_DIR = "quarantine"  # shards set aside by verification
 RESERVED = {"run.json": "its job", FRAMES_DIR: "its frame shards", COMMITS_DIR: "its commit markers",
             INVERSIONS_DIR: "its inverted endpoints", PACING_DIR: "its pacing plans",
             QUARANTINE_DIR: "its quarantined shards", LOCK_NAME: "its lock"}

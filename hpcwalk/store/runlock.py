@@ -13,7 +13,10 @@ is stale, and is taken over with a `RunWarning` saying whose it was, when
   - it names another host and its heartbeat is older than `STALE_AFTER_S` (10 minutes): that
     driver died without removing it, or cannot reach the folder any more.
   - it records a `slurm_job_id` (from $SLURM_JOB_ID when the driver ran under SLURM) equal to this
-    process's $SLURM_JOB_ID: the job was requeued and this is its next run.
+    process's $SLURM_JOB_ID and a lower `slurm_restart_count` ($SLURM_RESTART_COUNT, 0 when unset): the
+    job was requeued and this is its next run. With an equal count it is another driver of the same run
+    of the job (two `hpcwalk render` in one allocation): judged by the rules above, so a live one refuses.
+A driver stopped by SIGTERM or SIGINT removes its lock on the way out (hpcwalk/core/interrupt.py).
 A lock whose fields have the wrong types, or a folder where the lock goes, is unreadable: refused for
 `UNREADABLE_GRACE_S` after its last change, then taken over (`valid_holder`).
 A takeover renames the stale file away first (one rename wins), so two drivers cannot both take it.
@@ -43,6 +46,7 @@ from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
+from hpcwalk.core import interrupt
 from hpcwalk.core.errors import StoreError
 from hpcwalk.core.fsio import filesystem
 from hpcwalk.store.verify import LOCK_NAME, RunWarning, parse_json_object
@@ -77,15 +81,26 @@ class RunLock:
         return self.fs.get_file_info(self.root).type == pafs.FileType.Directory
 
     def acquire(self, create: bool = False) -> None:
-        """Take the lock (creating the folder when `create`); RunLocked when a live driver holds it."""
+        """Take the lock (creating the folder when `create`); RunLocked when a live driver holds it. A SIGTERM
+        or SIGINT meanwhile (Interrupted) is raised once the lock is taken, and the lock released again: it
+        is held after acquire returns, or not at all."""
         if self.held:
             return
+        try:
+            with interrupt.deferred():
+                self._acquire(create)
+        except interrupt.Interrupted:
+            self.release()
+            raise
+
+    def _acquire(self, create: bool) -> None:
         if create:
             self.fs.create_dir(self.root, recursive=True)
         self.info = _my_info()
         for _ in range(5):  # each pass either creates the lock, refuses, or removes a stale one and retries
             if self._create():
                 self.held = True
+                interrupt.cleanup(self, self.abandon)  # a stopped command removes it even where no finally reaches
                 self._sweep()
                 self._start_heartbeat()
                 return
@@ -104,10 +119,20 @@ class RunLock:
         """Stop the heartbeat and remove the lock if it is still ours."""
         if not self.held:
             return
-        self._stop.set()
-        if self._beat is not None:
-            self._beat.join(5)
+        with interrupt.deferred():
+            self._stop.set()
+            if self._beat is not None:
+                self._beat.join(5)
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Remove the lock file if it is still ours, without waiting for the heartbeat thread (which finds it
+        gone); what a second signal, stopping at once, does."""
+        if not self.held:
+            return
         self.held = False
+        self._stop.set()
+        interrupt.cleanup(self, None)
         holder, _ = self.read()
         if holder is not None and _same(holder, self.info):
             try:
@@ -155,8 +180,11 @@ class RunLock:
         if holder is None:
             return f"the lock file is unreadable and {age:.0f} s old" if age > UNREADABLE_GRACE_S else None
         slurm = os.environ.get("SLURM_JOB_ID")
-        if slurm and holder.get("slurm_job_id") == slurm:  # this job's earlier step, requeued: it is gone
-            return f"it was written by this SLURM job ({slurm}) before it was requeued"
+        if slurm and holder.get("slurm_job_id") == slurm:  # this job's run before it was requeued: it is gone
+            theirs, mine = holder.get("slurm_restart_count", 0), _restart_count()
+            if theirs < mine:  # (an equal count is a sibling driver in the same run of the job: judged below)
+                return (f"it was written by this SLURM job ({slurm}) before it was requeued (restart count "
+                        f"{theirs}, now {mine})")
         if holder.get("host") == platform.node():
             pid = holder["pid"]
             if not _pid_alive(pid):
@@ -286,14 +314,16 @@ _MAX_TIME = 1e11  # seconds since 1970: the year 5138
 def valid_holder(holder: dict[str, Any] | None) -> dict[str, Any] | None:
     """The lock's holder when its fields have their types and ranges, else None (an unreadable lock):
     host a string, pid an int in 1..2**31-1, started_at a finite number of seconds in 0..1e11, pid_start
-    an int or null, token a string, slurm_job_id (when there) a string."""
+    an int or null, token a string, slurm_job_id (when there) a string, slurm_restart_count (when there) an
+    int in 0..10**9-1."""
     if holder is None:
         return None
     pid, started, pid_start = holder.get("pid"), holder.get("started_at"), holder.get("pid_start")
     ok = (isinstance(holder.get("host"), str) and type(pid) is int and 0 < pid <= _MAX_PID
           and type(started) in (int, float) and math.isfinite(started) and 0 <= started <= _MAX_TIME
           and (pid_start is None or type(pid_start) is int) and isinstance(holder.get("token"), str)
-          and isinstance(holder.get("slurm_job_id", ""), str))
+          and isinstance(holder.get("slurm_job_id", ""), str)
+          and type(holder.get("slurm_restart_count", 0)) is int and 0 <= holder.get("slurm_restart_count", 0) < 10**9)
     return holder if ok else None
 
 
@@ -301,9 +331,16 @@ def _my_info() -> dict[str, Any]:
     pid = os.getpid()
     info = {"host": platform.node(), "pid": pid, "pid_start": _pid_start(pid), "started_at": time.time(),
             "token": uuid.uuid4().hex, "command": " ".join(sys.argv)[:300]}
-    if os.environ.get("SLURM_JOB_ID"):  # a requeued job's next step takes its own lock over at once
+    if os.environ.get("SLURM_JOB_ID"):  # a requeued job's next run takes its own lock over at once
         info["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+        info["slurm_restart_count"] = _restart_count()
     return info
+
+
+def _restart_count() -> int:
+    """$SLURM_RESTART_COUNT: how many times SLURM has requeued this job (unset before the first requeue: 0)."""
+    value = os.environ.get("SLURM_RESTART_COUNT", "").strip()
+    return int(value) if value.isdigit() and len(value) < 10 else 0
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
