@@ -76,6 +76,7 @@ def run_study(study: Study, out: str, overwrite: bool = False, progress: bool = 
         warnings.warn(RunWarning(f"{out!r} had no {', '.join(missing)}: a study run there stopped before "
                                  f"writing its report; writing {'it' if len(missing) == 1 else 'them'} now"),
                       stacklevel=2)
+    mark_study(out, study)  # from here on the folder owes its report: `hpcwalk verify` says so while it is missing
     # 2. the analysis of what is committed and verified
     with interrupt.reporting(lambda: f"all {len(shards)} shards committed in {out}; the analysis was not finished "
                                      "(study.parquet, study.json and report.html are each whole or absent)"):
@@ -110,6 +111,36 @@ def analyse(study: Study, out: str, verify: str = "full", progress: bool = True)
     files = write_outputs(out, walks, summary_json)
     files += write_report(out, summary_json, walks)
     return files, left_out
+
+
+def mark_study(out: str, study: Study) -> None:
+    """Write the study mark (store/runfolder.STUDY_MARK): this folder is a study's, and which file made it."""
+    import json
+
+    from hpcwalk.core.fsio import filesystem, write_atomic
+    from hpcwalk.store.runfolder import STUDY_MARK
+
+    fs, root = filesystem(out)
+    write_atomic(fs, f"{root}/{STUDY_MARK}", json.dumps({"study": study.job.source, "outputs": list(OUTPUTS)}).encode())
+
+
+def owed_outputs(out: str) -> tuple[list[str], str]:
+    """(the outputs a study folder lacks, the study file that made it) when its render finished (the study mark
+    is there); ([], "") for any other folder."""
+    import json
+
+    from hpcwalk.core.fsio import filesystem
+    from hpcwalk.store.runfolder import STUDY_MARK
+    from hpcwalk.store.verify import parse_json_object
+
+    fs, root = filesystem(out)
+    try:
+        with fs.open_input_stream(f"{root}/{STUDY_MARK}") as f:
+            mark, _ = parse_json_object(f.read())
+    except OSError:
+        return [], ""
+    source = str((mark or {}).get("study", "STUDY.toml"))
+    return missing_outputs(out), source
 
 
 def missing_outputs(out: str) -> list[str]:

@@ -127,8 +127,13 @@ def test_study_rerun_says_the_missing_report_is_written_now(tmp_path):
     assert first.exit_code == 0, first.output
     assert "report" not in " ".join(line for line in first.output.splitlines() if line.startswith("warning:"))
     outputs = ("study.json", "study.parquet", "report.html")
+    assert invoke("verify", out).exit_code == 0
     for n in outputs:  # what a kill after the render, before the report, leaves
         (out / n).unlink()
+    said = invoke("verify", out)  # every shard is ok, but the folder owes its report: verify says so
+    assert said.exit_code == 1 and said.stdout.splitlines()[-1] == "1 of 1 shards ok (full)", said.output
+    owed = [line for line in said.stderr.splitlines() if line.startswith("study: ")]
+    assert len(owed) == 1 and all(n in owed[0] for n in outputs) and f"hpcwalk study {f} --out {out}" in owed[0]
     again = invoke(*args)
     assert again.exit_code == 0, again.output
     said = [line for line in again.output.splitlines() if line.startswith("warning:") and "report" in line]
@@ -137,3 +142,4 @@ def test_study_rerun_says_the_missing_report_is_written_now(tmp_path):
     third = invoke(*args)  # nothing missing: nothing said
     assert third.exit_code == 0 and not [line for line in third.output.splitlines()
                                          if line.startswith("warning:") and "report" in line], third.output
+    assert invoke("verify", out).exit_code == 0

@@ -114,7 +114,13 @@ def verify_cmd(
         elif bad:
             typer.echo(f"damaged: run `hpcwalk verify {run_dir} --repair`, or rerun the render or study into "
                        f"{run_dir} (it renders damaged shards again)", err=True)
-        if damaged_run or shards.run_mismatch or (bad and not repair):
+        from hpcwalk.study import owed_outputs
+
+        owed, source = owed_outputs(run_dir)
+        if owed:  # a study stopped after its render, before its report
+            typer.echo(f"study: {', '.join(owed)} missing (the study stopped before its analysis was written): rerun "
+                       f"`hpcwalk study {source} --out {run_dir}` (it renders nothing again and writes them)", err=True)
+        if damaged_run or shards.run_mismatch or owed or (bad and not repair):
             raise typer.Exit(1)
     except OSError as e:
         fail_io(e, "the repair")

@@ -19,9 +19,11 @@ from hpcwalk.store.verify import COMMITS_DIR, FRAMES_DIR, LOCK_NAME, QUARANTINE_
 from hpcwalk.store.writer import run_json_bytes
 
 PACING_DIR = "pacing"  # evenly paced walks' plans (run/evenpace.py)
+STUDY_MARK = ".hpcwalk-study.json"  # written by a study once its render is done: the folder owes its report
 RESERVED = {"run.json": "its job", FRAMES_DIR: "its frame shards", COMMITS_DIR: "its commit markers",
             INVERSIONS_DIR: "its inverted endpoints", PACING_DIR: "its pacing plans",
-            QUARANTINE_DIR: "its quarantined shards", LOCK_NAME: "its lock"}
+            QUARANTINE_DIR: "its quarantined shards", LOCK_NAME: "its lock",
+            STUDY_MARK: "its study mark"}
 
 
 def check_output_path(path: str, what: str = "--out") -> None:
