@@ -44,6 +44,31 @@ def test_hostile_job_file_refused_before_tomllib(tmp_path, text, needle):
     assert not (tmp_path / "run").exists()
 
 
+PEAK = ("import atexit, sys\n"
+        "atexit.register(lambda: print('peak', open('/proc/self/status').read().split('VmHWM:')[1].split()[0],"
+        " 'torch' in sys.modules, file=sys.stderr))\n"
+        "from hpcwalk.cli import main\n"
+        "sys.argv = ['hpcwalk', 'render', sys.argv[1], '--out', sys.argv[2]]\n"
+        "main()\n")
+
+
+def test_a_hostile_job_file_is_refused_before_torch_is_imported(tmp_path):
+    """`render` reads the job file before the heavy imports: the 100 KB hostile file is one line, exit 2, in a
+    process that never imported torch and peaked far below 200 MB (the measured time is in the README)."""
+    import subprocess
+
+    job = tmp_path / "job.toml"
+    job.write_text(tiny_job_toml(cat_walk(["slerp"], 3)) + HOSTILE)
+    r = subprocess.run([sys.executable, "-c", PEAK, str(job), str(tmp_path / "run")], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    peak = [line.split() for line in r.stderr.splitlines() if line.startswith("peak ")]
+    assert len(errors) == 1 and "parts per key" in errors[0], r.stderr
+    assert peak and int(peak[0][1]) < 200 * 1024 and peak[0][2] == "False", r.stderr  # kB; torch not imported
+    assert not (tmp_path / "run").exists()
+
+
 def test_shape_scan_skips_strings_and_comments(tmp_path):
     from hpcwalk.job.parse import scan_toml
 

@@ -25,7 +25,7 @@ from hpcwalk.store.verify import DEFAULT_LEVEL, RunWarning, check_level
 
 if TYPE_CHECKING:  # annotations only: the executors (and torch) load when a command runs
     from hpcwalk.job.spec import RenderJob
-    from hpcwalk.run.base import ExecutorOptions
+    from hpcwalk.run.options import ExecutorOptions
 
 class _Commands(TyperGroup):
     """The command group: every command runs with SIGTERM and SIGINT stopping it at a safe point (one line)."""
@@ -233,8 +233,8 @@ def level_of(verify: str) -> str:
 def executor_options(ray: Optional[str], workers: Optional[int], gpus_per_worker: Optional[float],
                      retries: int = 2, shard_timeout: Optional[float] = None):
     """The executor flags as checked `ExecutorOptions`; bad flags exit 2 with one line."""
-    from hpcwalk.run.base import ExecutorOptions
-    from hpcwalk.run.ray import check_reachable
+    from hpcwalk.run.options import ExecutorOptions
+    from hpcwalk.run.options import check_reachable
 
     try:
         options = ExecutorOptions(ray=ray, workers=workers, gpus_per_worker=gpus_per_worker, max_retries=retries,

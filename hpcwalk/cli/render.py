@@ -31,14 +31,16 @@ def render(
     committed shards stay), 2 bad input (nothing written).
     """
     from hpcwalk.job.parse import load_job
-    from hpcwalk.run.preflight import prepare_render
-    from hpcwalk.store.reader import verify_run
-    from hpcwalk.store.runfolder import check_output_path
 
-    # 1. validate everything before any work, then plan
+    # 1. validate everything before any work, then plan; the job file first, before torch is imported (a bad
+    #    or hostile file is one line in a fraction of a second)
     with refused(""):
-        check_output_path(out)
         job = overrides.apply(load_job(job_file), shard_size=shard_size)
+        from hpcwalk.run.preflight import prepare_render
+        from hpcwalk.store.reader import verify_run
+        from hpcwalk.store.runfolder import check_output_path
+
+        check_output_path(out)
         prepared = prepare_render(job, out, overwrite, run.executor)
     job = prepared.job
     for note in prepared.notes:
@@ -91,16 +93,17 @@ def study(
     import dataclasses
 
     from hpcwalk.job.studyspec import load_study
-    from hpcwalk.run.preflight import prepare_render
-    from hpcwalk.store.runfolder import check_output_path
-    from hpcwalk.study import check_yardsticks, run_study
 
-    # 1. validate everything before any work
+    # 1. validate everything before any work (the study file before torch is imported)
     if "://" in out:
         fail(f"--out {out!r}: a study writes its report to a local folder; pass a local path")
     with refused(""):
-        check_output_path(out)
         st = load_study(study_file)
+        from hpcwalk.run.preflight import prepare_render
+        from hpcwalk.store.runfolder import check_output_path
+        from hpcwalk.study import check_yardsticks, run_study
+
+        check_output_path(out)
         st = dataclasses.replace(st, job=overrides.apply(st.job))
         prepared = prepare_render(st.job, out, overwrite, run.executor)  # with --ray, device checks run on the workers
         st, mode = dataclasses.replace(st, job=prepared.job), prepared.mode

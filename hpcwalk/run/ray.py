@@ -25,7 +25,6 @@ per shard, temporary name + rename, then marker), so a retried shard cannot dupl
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections import defaultdict, deque
 from typing import Any, Callable, Sequence
@@ -34,7 +33,6 @@ from hpcwalk.core import interrupt
 from hpcwalk.core.errors import first_line
 from hpcwalk.job.spec import RenderJob, Shard
 from hpcwalk.run.base import (
-    ADDRESS_RE,
     RAY_DEFAULT,
     ExecutorError,
     ExecutorOptions,
@@ -42,6 +40,7 @@ from hpcwalk.run.base import (
     RendererFactory,
     ShardResult,
 )
+from hpcwalk.run.options import check_reachable  # noqa: F401  (its home: torch-free, for the cli)
 from hpcwalk.run.rayworker import RenderWorker, WorkerInfo, WorkerPlan, plan_workers, worker_job
 from hpcwalk.store.writer import ShardStore
 
@@ -313,21 +312,6 @@ class RayExecutor:
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
-
-
-def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
-    """Fail fast (ExecutorError) when nothing listens at the head's HOST:PORT: ray.init would retry for minutes."""
-    if address in (RAY_DEFAULT, "auto"):
-        address = os.environ.get("RAY_ADDRESS", "")
-    m = ADDRESS_RE.fullmatch(address or "")
-    if not m:  # no address to probe: a local instance, or Ray's own lookup
-        return
-    host, port = m.group(2), int(m.group(3))
-    try:
-        socket.create_connection((host, port), timeout=timeout_s).close()
-    except OSError as e:
-        raise ExecutorError(f"cannot reach the Ray head at {address} ({e.strerror or e}): start it with "
-                            "`ray start --head` on that host, or fix --ray") from None
 
 
 def _auth_failure(e: BaseException) -> bool:
