@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from hpcwalk.render.engine import Renderer, RenderOutput  # noqa: E402
-from hpcwalk.run.base import ExecutorOptions, ShardResult
+from hpcwalk.run.base import ShardResult
+from hpcwalk.run.options import ExecutorOptions
 from hpcwalk.run.local import LocalExecutor  # noqa: E402
 from hpcwalk.job.spec import FrameRow, RenderJob, Sampling, Walk
 from hpcwalk.job.plan import plan, shard  # noqa: E402

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from hpcwalk.cli import app, expand_ray_flag
 from hpcwalk.render.engine import Renderer
-from hpcwalk.run.base import ExecutorError, ExecutorOptions, check_ray_address, render_shard
+from hpcwalk.run.base import render_shard
+from hpcwalk.run.options import ExecutorError, ExecutorOptions, check_ray_address
 from hpcwalk.run.local import LocalExecutor, run_render
 from hpcwalk.job.spec import FrameRow
 from hpcwalk.job.plan import plan, shard

@@ -342,7 +342,7 @@ def test_ray_init_does_not_keep_its_sigterm_handler(monkeypatch):
     """ray.init installs a SIGTERM handler that exits with code 15 and no line; the driver puts its own back."""
     ray = pytest.importorskip("ray")
     from hpcwalk.core import interrupt
-    from hpcwalk.run.base import ExecutorOptions
+    from hpcwalk.run.options import ExecutorOptions
     from hpcwalk.run.ray import RayExecutor
 
     def fake_init(**kw):

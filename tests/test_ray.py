@@ -20,7 +20,7 @@ import ray
 import torch
 
 from hpcwalk.render.engine import Renderer
-from hpcwalk.run.base import ExecutorError, ExecutorOptions
+from hpcwalk.run.options import ExecutorError, ExecutorOptions
 from hpcwalk.run.local import run_render
 from hpcwalk.job.spec import FrameRow, RenderJob
 from hpcwalk.job.plan import plan, shard

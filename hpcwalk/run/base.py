@@ -20,7 +20,6 @@ import numpy as np
 from hpcwalk.job.spec import RenderJob, Shard
 from hpcwalk.render.engine import Renderer, RenderOutput
 from hpcwalk.store.schema import encode_image, frames_table
-from hpcwalk.run.options import ExecutorError, ExecutorOptions  # noqa: F401  (their home: torch-free)
 from hpcwalk.store.writer import ShardStore
 
 ProgressFn = Callable[[int], None]  # called with the number of frames just rendered

@@ -30,7 +30,6 @@ from hpcwalk.render.engine import Renderer
 from hpcwalk.run import evenpace
 from hpcwalk.run.base import (
     EncodePool,
-    ExecutorOptions,
     ProgressFn,
     RendererFactory,
     ShardResult,
@@ -38,6 +37,7 @@ from hpcwalk.run.base import (
     commit_shard,
     render_rows,
 )
+from hpcwalk.run.options import ExecutorOptions
 from hpcwalk.run.endpoints import check_settings, describe, invert_missing, prepare, write_index
 from hpcwalk.store.reader import verify_run
 from hpcwalk.store.runfolder import rewrite_damaged_run_json

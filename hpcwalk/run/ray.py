@@ -33,14 +33,11 @@ from hpcwalk.core import interrupt
 from hpcwalk.core.errors import first_line
 from hpcwalk.job.spec import RenderJob, Shard
 from hpcwalk.run.base import (
-    RAY_DEFAULT,
-    ExecutorError,
-    ExecutorOptions,
     ProgressFn,
     RendererFactory,
     ShardResult,
 )
-from hpcwalk.run.options import check_reachable  # noqa: F401  (its home: torch-free, for the cli)
+from hpcwalk.run.options import RAY_DEFAULT, ExecutorError, ExecutorOptions, check_reachable  # noqa: F401
 from hpcwalk.run.rayworker import RenderWorker, WorkerInfo, WorkerPlan, plan_workers, worker_job
 from hpcwalk.store.writer import ShardStore
 

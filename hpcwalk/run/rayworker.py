@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from hpcwalk.job.spec import RenderJob, Shard
-from hpcwalk.run.base import EncodePool, ExecutorError, ExecutorOptions, RendererFactory, ShardResult, render_shard
+from hpcwalk.run.base import EncodePool, RendererFactory, ShardResult, render_shard
+from hpcwalk.run.options import ExecutorError, ExecutorOptions
 from hpcwalk.run.preflight import check_worker
 from hpcwalk.store.schema import run_metadata
 from hpcwalk.store.writer import ShardStore
