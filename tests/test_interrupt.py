@@ -209,7 +209,8 @@ def test_sigterm_during_verify_repair_leaves_the_folder_whole(clean_run, tmp_pat
     if when == "while verifying":  # nothing removed yet
         assert len(shards.damaged) == 3
     else:  # every damaged shard removed, marker and file
-        assert not shards.damaged and len(shards.ok) == 3
+        assert len(shards.ok) == 3 and shards.damaged and all(  # removed: planned shards missing until rendered
+            c.state == "missing" and c.marker is None and c.parquet is None for c in shards.damaged)
     assert invoke("verify", str(run), "--repair").exit_code == 0
     assert invoke("render", str(job), "--out", str(run), "--no-progress").exit_code == 0
     assert invoke("verify", str(run)).exit_code == 0 and _frames(run).equals(ref)
