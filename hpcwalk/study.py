@@ -172,6 +172,19 @@ def check_yardsticks(study: Study) -> None:
                        "or set lpips = \"none\"")
 
 
+def study_needs(study: Study) -> Any:
+    """Every weight the study loads (`run/needs.py: job_needs`: SD, CLIP, the encoder whose features KID
+    compares) and the LPIPS backbone of its pixel steps; a `Needs`."""
+    from dataclasses import replace
+
+    from hpcwalk.analyse.pixelsteps import lpips_weight
+    from hpcwalk.run.needs import job_needs
+
+    needs = job_needs(study.job)
+    lpips = lpips_weight(resolve_lpips(study.spec.lpips, study.job.model.id))
+    return replace(needs, weights=needs.weights + ((lpips,) if lpips else ()))
+
+
 def _pixel_steps(study: Study, out: str, files: list[str], progress: bool) -> Any:
     """SSIM and LPIPS steps of every walk, on the render device (pixelsteps.run_steps)."""
     import sys

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from hpcwalk.job.studyspec import LPIPS_NETS
+from hpcwalk.sd.manifest import Weight, builtin, url_fetch
 from hpcwalk.sd.weights import ModelLoadError
 
 RANDOM_LPIPS = ("alex-random",)
@@ -85,13 +86,35 @@ def resolve_lpips(net: str, sd_model: str) -> str:
     return net
 
 
-def backbone_file(net: str) -> str:
-    """Where torchvision keeps the ImageNet backbone LPIPS loads for `net` (torch hub cache)."""
+def backbone_url(net: str) -> str:
+    """Where torchvision downloads the ImageNet backbone LPIPS loads for `net` from."""
     import torchvision
 
     weights = {"alex": torchvision.models.AlexNet_Weights.IMAGENET1K_V1,
                "vgg": torchvision.models.VGG16_Weights.IMAGENET1K_V1}[net]
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    return weights.url
+
+
+def backbone_file(net: str) -> str:
+    """Where torchvision keeps the ImageNet backbone LPIPS loads for `net` (torch hub cache)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(backbone_url(net)))
+
+
+def lpips_weight(net: str) -> Weight | None:
+    """The backbone `net` (resolved) loads, for `hpcwalk needs` (None for `none`); LPIPS's linear heads ship
+    with the lpips package."""
+    if net == "none":
+        return None
+    if net in RANDOM_LPIPS:
+        return builtin("LPIPS backbone", net)
+    path = backbone_file(net)
+    if os.path.isfile(path):
+        return Weight("LPIPS backbone", net, path, True, size=os.path.getsize(path))
+    folder = os.path.dirname(path)
+    fetch, copy = url_fetch(backbone_url(net), folder)
+    return Weight("LPIPS backbone", net, path, False, why=f"torchvision {os.path.basename(path)} not in the torch "
+                  "hub cache", fetch=fetch, copy_to=folder, copy=copy,
+                  env="the torch hub cache: TORCH_HOME/hub/checkpoints, else ~/.cache/torch/hub/checkpoints")
 
 
 def check_lpips(net: str) -> None:

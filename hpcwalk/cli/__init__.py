@@ -2,7 +2,7 @@
 
   common.py   the Typer app, logging, one-line errors (any HpcwalkError), the shared option set
   render.py   render, study            outputs.py  video, view, score
-  inspect.py  models, verify, bench
+  inspect.py  models, needs, verify, bench
 """
 
 import sys

@@ -195,6 +195,15 @@ ShardTimeoutOption = Annotated[Optional[float], typer.Option(
 ModelOption = Annotated[Optional[str], typer.Option(
     "--model", help="Override [model] id: tiny, tiny-v, sd14-random, sd21-random, a hub id (read from the local "
                     "Hugging Face cache, never downloaded), a diffusers folder or a .safetensors file (see `hpcwalk models`).")]
+ClipModelOption = Annotated[Optional[str], typer.Option(
+    "--clip-model", help="Override [clip] model: tiny-clip, an open_clip architecture such as ViT-L-14 (with "
+                         "--clip-pretrained unless it is the SD model's default), or local-dir:/path.")]
+ClipPretrainedOption = Annotated[Optional[str], typer.Option(
+    "--clip-pretrained", help="Override [clip] pretrained: an open_clip weights tag such as openai or "
+                              "laion2b_s32b_b79k (read from the local cache), a weights file, or none (random).")]
+EncoderOption = Annotated[Optional[str], typer.Option(
+    "--encoder", help="Override [encoder] model: auto, tiny-dinov2, a hub id such as facebook/dinov2-base (local "
+                      "cache only), a folder, or none.")]
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="Override [render] device: auto, cpu, cuda or cuda:N.")]
 DtypeOption = Annotated[Optional[str], typer.Option("--dtype", help=f"Override [render] dtype: {', '.join(DTYPES)}.")]
 BatchSizeOption = Annotated[Optional[int], typer.Option(
@@ -258,9 +267,13 @@ def expand_ray_flag(argv: list[str]) -> list[str]:
 # (so --help lists them where they were) and hands the command the two checked values.
 @dataclass(frozen=True)
 class JobOverrides:
-    """--model --device --dtype --compile --attention --batch-size (None keeps the job file's value)."""
+    """--model --clip-model --clip-pretrained --encoder --device --dtype --compile --attention --batch-size
+    (None keeps the job file's value)."""
 
     model: Optional[str] = None
+    clip_model: Optional[str] = None
+    clip_pretrained: Optional[str] = None
+    encoder: Optional[str] = None
     device: Optional[str] = None
     dtype: Optional[str] = None
     compile_mode: Optional[str] = None
@@ -282,7 +295,9 @@ class RunFlags:
 
 
 _GROUPS: dict[str, list[tuple[str, Any, Any]]] = {
-    "overrides": [("model", ModelOption, None), ("device", DeviceOption, None), ("dtype", DtypeOption, None),
+    "overrides": [("model", ModelOption, None), ("clip_model", ClipModelOption, None),
+                  ("clip_pretrained", ClipPretrainedOption, None), ("encoder", EncoderOption, None),
+                  ("device", DeviceOption, None), ("dtype", DtypeOption, None),
                   ("compile_mode", CompileModeOption, None), ("attention", AttentionOption, None),
                   ("batch_size", BatchSizeOption, None)],
     "run": [("progress", ProgressOption, True), ("ray", RayOption, None), ("workers", WorkersOption, None),

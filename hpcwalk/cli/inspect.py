@@ -1,12 +1,26 @@
-"""Commands that look without rendering: `hpcwalk models`, `hpcwalk verify`, `hpcwalk bench`."""
+"""Commands that look without rendering: `hpcwalk models`, `hpcwalk needs`, `hpcwalk verify`, `hpcwalk bench`."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
 
-from hpcwalk.cli.common import VerifyOption, app, fail_io, level_of, refused
+from hpcwalk.cli.common import (
+    ClipModelOption,
+    ClipPretrainedOption,
+    DeviceOption,
+    DtypeOption,
+    EncoderOption,
+    JobOverrides,
+    ModelOption,
+    VerifyOption,
+    app,
+    fail_io,
+    level_of,
+    refused,
+)
 from hpcwalk.core import interrupt
 from hpcwalk.store.verify import DEFAULT_LEVEL
 
@@ -42,6 +56,69 @@ def models(
     for r in [("MODEL", "KIND", "FORMAT", "SIZE", "LOADS OFFLINE"), *rows]:
         why = r[4] if len(r[4]) <= 120 else r[4][:117] + "..."  # --json has the whole line
         typer.echo("  ".join(str(v).ljust(w) for v, w in zip(r[:4], widths)) + "  " + why)
+
+
+@app.command()
+def needs(
+    job_file: Path = typer.Argument(..., help="A job or study TOML (a study: a file with a [study] table)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object (weights, notes) instead of the list."),
+    model: ModelOption = None,
+    clip_model: ClipModelOption = None,
+    clip_pretrained: ClipPretrainedOption = None,
+    encoder: EncoderOption = None,
+    dtype: DtypeOption = None,
+    device: DeviceOption = None,
+) -> None:
+    """List every weight JOB_FILE loads: the SD model, the CLIP model(s), the image encoder and, for a study,
+    the LPIPS backbone; each with where it was looked for and whether it is here, and for a missing one
+    the commands that fetch it on a machine with network and copy it here. Then what a dry run would refuse
+    on this machine besides (e.g. float16 on a CPU), as notes. Nothing is downloaded. Exit 0 when every
+    weight is here, 1 when one is missing, 2 on bad input."""
+    import json
+
+    from hpcwalk.job.parse import parse_job, read_toml
+    from hpcwalk.job.studyspec import parse_study
+    from hpcwalk.run.needs import job_needs
+    from hpcwalk.study import study_needs
+
+    # 1. the job or study, with the overrides a render would be given
+    overrides = JobOverrides(model=model, clip_model=clip_model, clip_pretrained=clip_pretrained, encoder=encoder,
+                             dtype=dtype, device=device)
+    with refused():
+        data = read_toml(job_file, "job", "examples/")
+        if "study" in data:
+            st = parse_study(data, source=str(job_file))
+            found = study_needs(type(st)(st.spec, overrides.apply(st.job)))
+        else:
+            found = job_needs(overrides.apply(parse_job(data, source=str(job_file))))
+    # 2. print
+    if as_json:
+        typer.echo(json.dumps({"job": str(job_file), "ok": not found.missing,
+                               "weights": [w.as_dict() for w in found.weights], "notes": list(found.notes)}, indent=2))
+    else:
+        for line in needs_lines(found):
+            typer.echo(line)
+    if found.missing:
+        raise typer.Exit(1)
+
+
+def needs_lines(found) -> list[str]:
+    """The list `hpcwalk needs` prints: one line per weight, then for a missing one why, and its commands."""
+    out = []
+    for w in found.weights:
+        where = w.why if w.builtin else f"{w.looked}, {w.size / 2**30:.2f} GiB" if w.present else f"looked in {w.looked}"
+        out.append(f"{'here   ' if w.present else 'MISSING'}  {w.role}: {w.name}  ({where})")
+        if w.present:
+            continue
+        out.append(f"    {w.why}")
+        if w.fetch:
+            out += ["    fetch on a machine with network:", *(f"      {c}" for c in w.fetch)]
+            out += [f"    then copy it into {w.copy_to} on this machine ({w.env}):", *(f"      {c}" for c in w.copy)]
+        else:
+            out.append(f"    put it at {w.copy_to} (a path of yours: hpcwalk cannot know where it comes from)")
+    n = len(found.missing)
+    out.append(f"{len(found.weights) - n} of {len(found.weights)} weights here" + (f", {n} missing" if n else ""))
+    return out + [f"note: {line}" for line in found.notes]
 
 
 @app.command("verify")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from hpcwalk.core.errors import JobError
-from hpcwalk.job.bounds import _choice_msg, check_model, check_render
+from hpcwalk.job.bounds import _choice_msg, check_model, check_render, check_text
 from hpcwalk.sd.compile import CompileConfig
 
 METHODS = ("linear", "normalized", "slerp")  # latent interpolation (hpcwalk.render.interp implements them)
@@ -92,7 +92,8 @@ class ClipSpec:
         elif model in (auto[0], "tiny-clip"):
             pretrained = "none" if model == "tiny-clip" else auto[1]
         else:
-            raise JobError(f"[clip] pretrained: give the weights tag for model {model!r} (e.g. openai for ViT-L-14)")
+            raise JobError(f"[clip] pretrained (--clip-pretrained): give the weights tag for model {model!r} (e.g. "
+                           "openai for ViT-L-14)")
         out = [("clip", model, pretrained)]
         if self.second_model:
             if not self.second_pretrained:
@@ -228,10 +229,16 @@ class RenderJob:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def with_overrides(self, **overrides: Any) -> "RenderJob":
-        """Command-line overrides: model, device, dtype, batch_size, shard_size, compile_mode, attention (None = keep)."""
+        """Command-line overrides: model, device, dtype, batch_size, shard_size, compile_mode, attention,
+        clip_model, clip_pretrained, encoder (None = keep). Each sets its table's key as the job file would,
+        so a job rendered with an override has the fingerprint of the file that sets the key."""
         o = {k: v for k, v in overrides.items() if v is not None}
         speed = self.compile.replace(mode=o.pop("compile_mode", None), attention=o.pop("attention", None))
+        clip = {**dataclasses.asdict(self.clip), "model": o.pop("clip_model", self.clip.model),
+                "pretrained": o.pop("clip_pretrained", self.clip.pretrained)}
         raw = {
+            "clip": clip,
+            "encoder": {"model": o.pop("encoder", self.encoder.model)},
             "model": {**dataclasses.asdict(self.model), "id": o.pop("model", self.model.id)},
             "render": {
                 "batch_size": o.pop("batch_size", self.render.batch_size),
@@ -247,11 +254,18 @@ class RenderJob:
             raise JobError(f"unknown override(s): {', '.join(o)}")
         model = _build(ModelSpec, raw["model"], "[model]")
         check_model(model.id, model.revision)
+        for key in ("model", "pretrained"):
+            check_text(f"[clip] {key}", raw["clip"][key])
+        check_text("[encoder] model", raw["encoder"]["model"])
+        clip = _build(ClipSpec, raw["clip"], "[clip]")
+        clip.models(model.id)  # JobError on a model without its weights tag
+        encoder = _build(EncoderSpec, raw["encoder"], "[encoder]")
         render = _build(RenderSettings, raw["render"], "[render]")
         output = _build(OutputSpec, raw["output"], "[output]")
         _check_render(render, output)
         _check_compile(speed, self.sampling, render.dtype)
-        return dataclasses.replace(self, model=model, render=render, output=output, compile=speed)
+        return dataclasses.replace(self, model=model, render=render, output=output, compile=speed, clip=clip,
+                                   encoder=encoder)
 
 
 def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from hpcwalk.sd.manifest import disk_size
 from hpcwalk.sd.weights import PICKLE_SUFFIXES, ModelLoadError, ModelSource, hub_cache_dir, resolve
 
 
@@ -60,12 +61,12 @@ def _scan_hub_repo(repo_dir: Path, clip_lookup: Callable[[str], list[str]] | Non
         return [LocalModel(repo_id, "?", "hub cache entry without a snapshot", 0, "no: nothing downloaded")]
     out = []
     if (snap / "model_index.json").is_file():
-        out.append(LocalModel(repo_id, "sd", *_try(lambda: _folder_format(resolve(repo_id)), _size(snap))))
+        out.append(LocalModel(repo_id, "sd", *_try(lambda: _folder_format(resolve(repo_id)), disk_size(snap))))
     elif any((snap / n).exists() for n in ("open_clip_config.json", "open_clip_model.safetensors",
                                            "open_clip_pytorch_model.bin")):
         tags = clip_lookup(repo_id) if clip_lookup else []
         fmt = "open_clip weights" + (f" ([clip] model/pretrained {', '.join(tags)})" if tags else "")
-        out.append(LocalModel(repo_id, "clip", fmt, _size(snap),
+        out.append(LocalModel(repo_id, "clip", fmt, disk_size(snap),
                               "yes" if tags else "no: no open_clip pretrained tag names this repo"))
     out += [_local_entry(str(f), f) for f in sorted(snap.iterdir()) if not f.name.startswith("open_clip")
             and f.name.lower().endswith((".safetensors", *PICKLE_SUFFIXES))]
@@ -78,11 +79,7 @@ def _local_entry(name: str, target: Path) -> LocalModel:
     if target.is_file():
         return LocalModel(name, "sd", *_try(lambda: f"ldm-single-file, config {resolve(str(target)).config}",
                                             target.stat().st_size))
-    return LocalModel(name, "sd", *_try(lambda: _folder_format(resolve(str(target))), _size(target)))
-
-
-def _size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    return LocalModel(name, "sd", *_try(lambda: _folder_format(resolve(str(target))), disk_size(target)))
 
 
 def _folder_format(src: ModelSource) -> str:
