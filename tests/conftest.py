@@ -64,3 +64,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real two-node SLURM cluster on this machine (tests/slurm_cluster.py): munged, slurmctld and two
+    slurmd (nodes n1, n2), started once per session and stopped at its end with every process they started.
+    Skipped, with the reason, where it cannot run (not root, or SLURM/munge not installed)."""
+    from slurm_cluster import SlurmCluster, SlurmStartError, unavailable_reason
+
+    why = unavailable_reason()
+    if why:
+        pytest.skip(why)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=2)
+    try:
+        cluster.start()
+    except SlurmStartError as e:
+        cluster.stop()
+        pytest.fail(f"the test SLURM cluster did not start: {e}")
+    yield cluster
+    left = cluster.stop()
+    if left:
+        pytest.fail("processes of the test SLURM cluster were still running after it stopped (killed): " + "; ".join(left))
