@@ -303,3 +303,27 @@ def main(tmp: str, seed: int) -> dict:
 if __name__ == "__main__":
     sys.path.insert(0, HERE)
     print(json.dumps(main(sys.argv[1], int(sys.argv[2]))))
+
+
+class NoiseRenderer(PathRenderer):
+    """Frames of a zero-length path (a walk from seed 1 to seed 1): one grey image, a fifth of its values one
+    grey level up or down in each frame, as rounding leaves on the frames of (nearly) identical latents."""
+
+    def render(self, rows, on_batch=None):
+        out = super().render(rows, on_batch)
+        rng = np.random.default_rng([int(1e6 * r.gamma) for r in rows])
+        noise = rng.choice([-1, 1], (len(rows), 8, 8, 3)) * (rng.random((len(rows), 8, 8, 3)) < 0.2)
+        images = (128 + noise).astype(np.uint8)
+        return RenderOutput(out.rows, images, out.latent_norm, out.timings, out.extra)
+
+
+def test_even_pacing_on_a_zero_length_path_places_frames_uniformly_and_says_so(tmp_path):
+    job = parse_job({"model": {"id": "tiny"}, "sampling": {"steps": 1, "height": 8, "width": 8},
+                     "output": {"shard_size": 8}, "walk": [
+                         {"name": "w", "kind": "latent", "prompt": "p", "seeds": [1, 1], "methods": ["slerp"],
+                          "frames": 17, "pace": "even", "pace_coarse": 9, "pace_measure": "pixel"}]})
+    with pytest.warns(Warning, match=r"walk 'w' slerp segment 0: its two ends are the same image .*placed uniformly"):
+        _render(job, str(tmp_path / "run"), NoiseRenderer(job))
+    t = read_frames(str(tmp_path / "run"))
+    final = t.filter(pc.equal(t["pace_pass"], "final")).sort_by("index")
+    np.testing.assert_allclose(final["gamma"].to_pylist(), np.arange(17) / 16, atol=1e-12)

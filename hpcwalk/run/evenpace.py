@@ -39,6 +39,13 @@ from hpcwalk.store.schema import PROVENANCE_FIELDS, frames_table
 from hpcwalk.store.verify import RunWarning, parse_json_object
 from hpcwalk.store.writer import ShardStore
 
+# End-to-end distance below which a segment's two ends count as the same image, per measure: pixel RMS under
+# one grey level (8-bit rounding moves identical latents' frames by at most that), a CLIP chord under 1e-3
+# (float16 embeddings of one image agree to about that). Pacing the noise between such ends would place
+# frames at random (a walk from seed 1 to seed 1: step_cv 0.707 -> 1.732).
+NOISE_FLOOR = {"pixel": 1.0 / 255.0, "clip": 1e-3}
+
+
 def even_walks(job: RenderJob) -> list[Walk]:
     return [w for w in job.walks if w.pace == "even"]
 
@@ -167,8 +174,15 @@ def make_plan(job: RenderJob, w: Walk, out: str, coarse: dict[int, Any]) -> dict
         for k, (f, c) in enumerate(zip(seg_final, seg_coarse)):
             g = np.array([0.0] + [i / (c - 1) for i in range(1, c)])  # the coarse rows' gammas, bit for bit
             dk = d[first : first + c - 1]
-            out_k = pacing.even_gammas(g, dk, f, w.pace_method) if dk.sum() > 0 else np.array(
-                [0.0] + [i / (f - 1) for i in range(1, f)])  # identical frames: any placement is even
+            ends = _distances([rows[first], rows[first + c - 1]], measure)[0]  # end to end, in the same measure
+            if dk.sum() > 0 and ends < NOISE_FLOOR[measure]:  # the same image at both ends: steps are noise
+                warnings.warn(RunWarning(
+                    f"walk {w.name!r} {m} segment {k}: its two ends are the same image ({measure} distance "
+                    f"{ends:.2e}, below the noise floor {NOISE_FLOOR[measure]:.1e}), so the path has no length to "
+                    f"pace: its {f} frames are placed uniformly (give the segment two different ends, or pace = "
+                    f"\"uniform\")"), stacklevel=2)
+            out_k = pacing.even_gammas(g, dk, f, w.pace_method) if dk.sum() > 0 and ends >= NOISE_FLOOR[measure] \
+                else np.array([0.0] + [i / (f - 1) for i in range(1, f)])  # no motion: any placement is even
             idx = pacing.reuse_index(out_k, g)
             keep = slice(0, f) if k == 0 else slice(1, f)
             gammas += [float(x) for x in out_k[keep]]
